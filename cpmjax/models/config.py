@@ -134,6 +134,9 @@ class ModelConfig(BaseModel):
             )
         return self
 
+    def __hash__(self) -> int:  # configs are static data of NNX graphs and jit keys
+        return hash(self.model_dump_json())
+
     # ----------------------------------------------------------------------------------------
     @property
     def rope_type(self) -> str:

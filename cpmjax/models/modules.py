@@ -142,22 +142,30 @@ def _attend(
     attend_cache: bool,
     mask: jax.Array | None,
     sm_scale: float,
+    cache_slots: jax.Array | None = None,
 ) -> tuple[jax.Array, LayerCache | None]:
     """Attention of the new tokens, with an optional KV cache.
 
     Without ``attend_cache`` (training, prefill of a fresh cache) the new tokens attend to
     themselves (index-causal, segment-masked) and are then written into the cache. With
-    ``attend_cache`` (decode, chunked prefill, draft-tree verification) they are written first
-    and attend to every cache slot whose position is <= their own (and ``mask`` if given)."""
-    new_cache = None if cache is None else _write_cache(cache, k, v, positions)
+    ``attend_cache`` (decode, chunked prefill, draft-tree verification) they are first written at
+    ``cache_slots`` (default: their positions) and then attend to every cache slot whose index is
+    <= their position, or, when ``mask [b, s, max_len]`` is given, exactly to the slots it allows
+    (tree verification writes siblings to scratch slots and passes the tree mask)."""
+    slots = positions if cache_slots is None else cache_slots
+    new_cache = None if cache is None else _write_cache(cache, k, v, slots)
     if cache is None or not attend_cache:
         out = ops.attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale)
         return out, new_cache
     max_len = new_cache["k"].shape[1]
-    out = ops.attention(
-        q, new_cache["k"], new_cache["v"], causal=True, q_positions=positions,
-        kv_positions=jnp.arange(max_len), mask=mask, sm_scale=sm_scale,
-    )
+    if mask is not None:
+        out = ops.attention(q, new_cache["k"], new_cache["v"], causal=False, mask=mask,
+                            sm_scale=sm_scale)
+    else:
+        out = ops.attention(
+            q, new_cache["k"], new_cache["v"], causal=True, q_positions=positions,
+            kv_positions=jnp.arange(max_len), sm_scale=sm_scale,
+        )
     return out, new_cache
 
 
@@ -176,14 +184,15 @@ class Attention(nnx.Module):
         self.o_proj = linear(hq * d, h, ("heads", "embed"), **kw)
 
     def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache=None,
-                 attend_cache=False, mask=None):
+                 attend_cache=False, mask=None, cache_slots=None):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out, cache = _attend(q, k, v, positions=positions, segment_ids=segment_ids, cache=cache,
-                             attend_cache=attend_cache, mask=mask, sm_scale=self.head_dim**-0.5)
+                             attend_cache=attend_cache, mask=mask, sm_scale=self.head_dim**-0.5,
+                             cache_slots=cache_slots)
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
@@ -214,7 +223,7 @@ class MLAttention(nnx.Module):
         self.o_proj = linear(hq * self.v_dim, h, ("heads", "embed"), bias=bias, **kw)
 
     def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache=None,
-                 attend_cache=False, mask=None):
+                 attend_cache=False, mask=None, cache_slots=None):
         b, s, _ = x.shape
         hq = self.num_heads
         if self.q_rank:
@@ -234,7 +243,8 @@ class MLAttention(nnx.Module):
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot, (b, s, hq, self.rope_dim))], axis=-1)
         out, cache = _attend(q, k, v, positions=positions, segment_ids=segment_ids, cache=cache,
-                             attend_cache=attend_cache, mask=mask, sm_scale=self.qk_dim**-0.5)
+                             attend_cache=attend_cache, mask=mask, sm_scale=self.qk_dim**-0.5,
+                             cache_slots=cache_slots)
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 

@@ -83,10 +83,14 @@ def inv_frequencies(config: ModelConfig, seq_len: jnp.ndarray | int) -> jnp.ndar
 
 
 def rotary_tables(
-    config: ModelConfig, positions: jnp.ndarray, dtype=jnp.float32
+    config: ModelConfig, positions: jnp.ndarray, dtype=jnp.float32, seq_len=None
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos, sin tables ``[batch, seq, rotary_dim]`` for integer ``positions [batch, seq]``."""
-    seq_len = jnp.max(positions) + 1
+    """cos, sin tables ``[batch, seq, rotary_dim]`` for integer ``positions [batch, seq]``.
+
+    ``seq_len`` (default ``max(positions) + 1``) selects the dynamic / longrope frequencies; a
+    padded prefill passes the longest real prompt length."""
+    if seq_len is None:
+        seq_len = jnp.max(positions) + 1
     inv_freq = inv_frequencies(config, seq_len)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)

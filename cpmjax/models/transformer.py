@@ -47,10 +47,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = mlp_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache=None,
-                 attend_cache=False, mask=None):
+                 attend_cache=False, mask=None, cache_slots=None):
         attn_out, cache = self.self_attn(
             self.input_layernorm(x), cos, sin, positions=positions, segment_ids=segment_ids,
-            cache=cache, attend_cache=attend_cache, mask=mask,
+            cache=cache, attend_cache=attend_cache, mask=mask, cache_slots=cache_slots,
         )
         if self.residual_scale != 1.0:
             attn_out = attn_out * self.residual_scale
@@ -86,7 +86,11 @@ class CausalLM(nnx.Module):
       and ``(logits, new_cache)`` is returned.
     - ``attend_cache``: attend to the cache (decode / chunked prefill) instead of only to the new
       tokens (the first prefill of an empty cache, which can use the kernel backends).
-    - ``mask [b, s, max_len]``: extra attention mask over cache slots (draft-tree verification).
+    - ``cache_slots [b, s]``: cache slots to write the new keys/values to (default: positions).
+    - ``mask [b, s, max_len]``: with ``attend_cache``, replaces the causal-by-position mask: the
+      new tokens attend exactly to the cache slots it allows (draft-tree verification).
+    - ``rope_seq_len``: sequence length that selects dynamic / longrope frequencies (default
+      ``max(positions) + 1``; a right-padded prefill passes the longest real prompt length).
     - ``return_hidden``: return the final hidden states (normalised and divided by the μP
       width scale) instead of logits: ``logits == hidden @ head_weight().T``.
     """
@@ -135,18 +139,21 @@ class CausalLM(nnx.Module):
         cache: Cache | None = None,
         attend_cache: bool = False,
         mask: jax.Array | None = None,
+        rope_seq_len: jax.Array | int | None = None,
+        cache_slots: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Final normalised hidden states ``[b, s, hidden]`` (before the μP width division)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        cos, sin = rotary_tables(self.config, positions, x.dtype)
+        cos, sin = rotary_tables(self.config, positions, x.dtype, rope_seq_len)
         new_cache = None if cache is None else []
         for i, layer in enumerate(self.model.layers):
             x, layer_cache = layer(
                 x, cos, sin, positions=positions, segment_ids=segment_ids,
                 cache=None if cache is None else cache[i], attend_cache=attend_cache, mask=mask,
+                cache_slots=cache_slots,
             )
             if cache is not None:
                 new_cache.append(layer_cache)
@@ -162,10 +169,13 @@ class CausalLM(nnx.Module):
         attend_cache: bool = False,
         mask: jax.Array | None = None,
         return_hidden: bool = False,
+        rope_seq_len: jax.Array | int | None = None,
+        cache_slots: jax.Array | None = None,
     ):
         hidden, new_cache = self.hidden_states(
             input_ids, positions=positions, segment_ids=segment_ids, cache=cache,
-            attend_cache=attend_cache, mask=mask,
+            attend_cache=attend_cache, mask=mask, rope_seq_len=rope_seq_len,
+            cache_slots=cache_slots,
         )
         width = self.config.width_scale
         if width != 1.0:

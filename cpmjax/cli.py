@@ -1,0 +1,134 @@
+"""The ``cpmjax`` console command.
+
+    cpmjax generate [--model DIR] --prompt TEXT [--max-new-tokens N] [--temperature T]
+                    [--top-k K] [--top-p P] [--seed S] [--chat] [--dtype float32|bfloat16]
+    cpmjax train --config CONFIG.yaml [flags]          (training recipe)
+    cpmjax info [--model DIR]                          (config and parameter count)
+
+``generate`` streams text to stdout and prints prefill / decode tokens per second to stderr;
+without ``--model`` it uses the bundled default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from cpmjax.errors import CpmjaxError
+
+# Subcommands that live with their feature: (module, function that adds the subparser).
+_PLUGINS = [
+    ("cpmjax.train.cli", "register"),
+    ("cpmjax.generate.cli", "register"),
+    ("cpmjax.delta.cli", "register"),
+]
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--model", default=None, help="local HF checkpoint dir (default: bundled)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the EOS token")
+    p.set_defaults(func=_run_generate)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for candidate in (getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id):
+        if isinstance(candidate, int):
+            ids.append(candidate)
+        elif isinstance(candidate, list):
+            ids.extend(candidate)
+    return sorted(set(ids))
+
+
+def _run_generate(args) -> int:
+    import cpmjax
+    from cpmjax.tokenizer import apply_chat_template, encode
+
+    path = args.model or cpmjax.default_model_path()
+    model = cpmjax.from_pretrained(path, dtype=args.dtype)
+    tokenizer = cpmjax.load_tokenizer(path)
+    ids = apply_chat_template(tokenizer, args.prompt) if args.chat else encode(tokenizer,
+                                                                                args.prompt)
+    printed = ""
+
+    def stream(tokens):
+        nonlocal printed
+        text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    result = cpmjax.generate(
+        model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed,
+        stop_token_ids=() if args.no_stop else _stop_ids(model, tokenizer), stream=stream,
+    )
+    final = tokenizer.decode(result.row(0), skip_special_tokens=True)
+    sys.stdout.write(final[len(printed):] + "\n")
+    sys.stdout.flush()
+    s = result.stats
+    print(
+        f"[cpmjax] prompt {s.prompt_tokens} tok, prefill {s.prefill_tokens_per_second:.1f} tok/s; "
+        f"generated {s.new_tokens} tok, decode {s.decode_tokens_per_second:.1f} tok/s; "
+        f"compile {s.compile_seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_info(subparsers) -> None:
+    p = subparsers.add_parser("info", help="print a checkpoint's config and parameter count")
+    p.add_argument("--model", default=None)
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    import json
+
+    import cpmjax
+    from cpmjax.models import ModelConfig
+
+    path = args.model or cpmjax.default_model_path()
+    config = ModelConfig.from_pretrained(path)
+    print(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True))
+    print(f"parameters: {config.num_parameters():,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpmjax", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    _add_info(subparsers)
+    for module_name, function in _PLUGINS:
+        if importlib.util.find_spec(module_name) is not None:
+            getattr(importlib.import_module(module_name), function)(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CpmjaxError as exc:
+        print(f"cpmjax: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
