@@ -301,6 +301,8 @@ class ModelConfig(BaseModel):
                 {k: v for k, v in self.rope_scaling.items() if k != "rope_type"}
             )
             out["rope_scaling"]["type"] = self.rope_type
+        else:
+            out.pop("rope_scaling")  # transformers 5 warns on the legacy key
         out["rope_parameters"] = rope_parameters
         if self.model_type in ("minicpm", "minicpm3"):
             out.update(

@@ -1,0 +1,137 @@
+"""Checkpoint errors name the culprit; the CLI streams text and reports speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from helpers import save_hf_model, tiny_llama_config, write_random_minicpm
+from safetensors.numpy import load_file, save_file
+from transformers import LlamaForCausalLM
+
+import cpmjax
+from cpmjax import errors
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    save_hf_model(LlamaForCausalLM, tiny_llama_config(), tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _rewrite(path, fn):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_directory_names_path(tmp_path):
+    with pytest.raises(errors.MissingPathError, match="nope"):
+        cpmjax.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError):  # also a FileNotFoundError for generic handlers
+        cpmjax.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_weights_file(ckpt):
+    os.remove(ckpt / "model.safetensors")
+    (ckpt / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(errors.MissingPathError, match="pickle-based weights are not loaded"):
+        cpmjax.from_pretrained(ckpt)
+
+
+def test_missing_tensor_named(ckpt):
+    _rewrite(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(errors.MissingTensorError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        cpmjax.from_pretrained(ckpt)
+
+
+def test_unexpected_tensor_named(ckpt):
+    _rewrite(ckpt, lambda t: t.__setitem__("model.layers.0.extra.weight", np.zeros(3, np.float32)))
+    with pytest.raises(errors.UnexpectedTensorError, match=r"model\.layers\.0\.extra\.weight"):
+        cpmjax.from_pretrained(ckpt)
+
+
+def test_misshaped_tensor_names_both_shapes(ckpt):
+    _rewrite(ckpt, lambda t: t.__setitem__("model.norm.weight", np.ones(31, np.float32)))
+    with pytest.raises(errors.ShapeMismatchError, match=r"model\.norm\.weight.*\(31,\).*\(32,\)"):
+        cpmjax.from_pretrained(ckpt)
+
+
+def test_bad_config(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(errors.ConfigError, match="gpt2"):
+        cpmjax.from_pretrained(ckpt)
+    (ckpt / "config.json").write_text("{ not json")
+    with pytest.raises(errors.ConfigError, match="config.json"):
+        cpmjax.from_pretrained(ckpt)
+
+
+def test_failed_save_keeps_last_good_checkpoint(ckpt, monkeypatch):
+    model = cpmjax.from_pretrained(ckpt)
+    out = ckpt.parent / "out"
+    cpmjax.save_pretrained(model, out)
+    (out / "tokenizer.json").write_text("{}")
+    before = (out / "model.safetensors").read_bytes()
+
+    import cpmjax.hf as hf
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        cpmjax.save_pretrained(model, out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not [p for p in os.listdir(ckpt.parent) if p.startswith(".tmp-save")]
+    monkeypatch.undo()
+    cpmjax.save_pretrained(model, out)  # overwriting keeps the user's other files
+    assert (out / "tokenizer.json").exists()
+
+
+def _tiny_tokenizer(path):
+    """A word-level tokenizer over a tiny vocabulary, saved as an HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in "def fibonacci ( n ) : return if else a b c the of and to".split():
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(path)
+
+
+def test_cli_generate_streams_and_reports(tmp_path, capsys):
+    from cpmjax.cli import main
+
+    write_random_minicpm(tmp_path / "m", max_position_embeddings=64)
+    _tiny_tokenizer(tmp_path / "m")
+    code = main(["generate", "--model", str(tmp_path / "m"), "--prompt", "def fibonacci ( n ) :",
+                 "--max-new-tokens", "6", "--no-stop"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.startswith("def fibonacci ( n ) :")
+    assert len(captured.out.split()) > 5
+    assert "decode" in captured.err and "tok/s" in captured.err
+
+
+def test_cli_error_is_clean(tmp_path, capsys):
+    from cpmjax.cli import main
+
+    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert code == 2
+    assert "MissingPathError" in capsys.readouterr().err
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(errors.MissingPathError):
+        cpmjax.load_tokenizer(tmp_path / "none")
+    shutil.rmtree(tmp_path, ignore_errors=True)
