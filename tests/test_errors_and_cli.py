@@ -135,3 +135,16 @@ def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(errors.MissingPathError):
         cpmjax.load_tokenizer(tmp_path / "none")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_chat_template_is_used_when_present(tmp_path):
+    from cpmjax.tokenizer import apply_chat_template, encode
+
+    _tiny_tokenizer(tmp_path / "t")
+    tok = cpmjax.load_tokenizer(tmp_path / "t")
+    assert apply_chat_template(tok, "the fibonacci") == encode(tok, "the fibonacci")
+    tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}a"
+    tok.save_pretrained(tmp_path / "t")
+    tok = cpmjax.load_tokenizer(tmp_path / "t")
+    ids = apply_chat_template(tok, "the fibonacci")
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "the", "fibonacci", "</s>", "a"]
