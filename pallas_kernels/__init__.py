@@ -1,0 +1,23 @@
+"""Pallas kernels and their references: arrays in, arrays out (nothing here knows of models).
+
+- :func:`flash_attention` (Pallas, forward + backward, log-sum-exp), :func:`blockwise_attention`
+  (the same algorithm in ``lax``, the CPU path) and :func:`attention_reference`.
+- :func:`fr_lm_head` (Pallas), :func:`fr_lm_head_blockwise` (``lax``) and
+  :func:`fr_lm_head_reference`: top-k log-probs over a frequency-ranked vocabulary subset.
+"""
+
+from pallas_kernels.flash_attention import (
+    attention_reference,
+    blockwise_attention,
+    flash_attention,
+)
+from pallas_kernels.fr_lm_head import fr_lm_head, fr_lm_head_blockwise, fr_lm_head_reference
+
+__all__ = [
+    "attention_reference",
+    "blockwise_attention",
+    "flash_attention",
+    "fr_lm_head",
+    "fr_lm_head_blockwise",
+    "fr_lm_head_reference",
+]
