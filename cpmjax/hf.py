@@ -94,7 +94,9 @@ class _TensorSource:
                 with open(index_file) as f:
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index_file} is not a valid safetensors index: {exc}")
+                raise CheckpointError(
+                    f"{index_file} is not a valid safetensors index: {exc}"
+                ) from exc
             for name, file in weight_map.items():
                 full = os.path.join(path, file)
                 if not os.path.isfile(full):

@@ -47,7 +47,7 @@ def make_mesh(
     sizes = [data, fsdp, tensor, sequence]
     devices = list(jax.devices() if devices is None else devices)
     if sizes.count(-1) > 1:
-        raise ShardingError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ShardingError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
     if -1 in sizes:
         known = int(np.prod([s for s in sizes if s != -1]))
         if len(devices) % known:
@@ -56,7 +56,7 @@ def make_mesh(
     total = int(np.prod(sizes))
     if total > len(devices):
         raise ShardingError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, only {len(devices)} exist"
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {total} devices, only {len(devices)} exist"
         )
     grid = np.asarray(devices[:total]).reshape(sizes)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

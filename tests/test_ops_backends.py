@@ -37,7 +37,7 @@ def test_backend_matches_reference_values_and_grads(backend):
         logits = model(ids, segment_ids=segment_ids)
         grads = nnx.grad(_loss)(model, ids, segment_ids)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)):
+    for (path, a), (_, b) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads), strict=True):
         np.testing.assert_allclose(a[...], b[...], rtol=1e-3, atol=1e-5, err_msg=str(path))
 
 

@@ -199,13 +199,23 @@ def generate(
     pad_token_id: int | None = None,
     stream: Callable[[np.ndarray], None] | None = None,
     stream_every: int = 8,
+    speculative: Any = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` new tokens per prompt.
 
     ``input_ids``: ``[batch, seq]`` array or a (ragged) list of token-id lists. ``stream``, if
     given, is called with the ``[batch, n]`` tokens generated so far after every
     ``stream_every`` tokens. Returns a ``GenerationResult`` with ``.tokens [batch, n]``,
-    ``.lengths`` and ``.stats``."""
+    ``.lengths`` and ``.stats``. ``speculative``: a ``cpmjax.Speculative`` to decode with a draft
+    (EAGLE-2 / FR-Spec; same output distribution, see ``cpmjax.generate.speculative``)."""
+    if speculative is not None:
+        from cpmjax.generate.speculative import speculative_generate
+
+        return speculative_generate(
+            model, input_ids, max_new_tokens, speculative, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+            stream=stream, stream_every=stream_every,
+        )
     config = model.config
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
