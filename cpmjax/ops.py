@@ -63,6 +63,21 @@ def attention_backend(name: str, **options: Any) -> Iterator[None]:
         stack.pop()
 
 
+@contextlib.contextmanager
+def attention_transform(transform: Callable[[AttentionFn], AttentionFn]) -> Iterator[None]:
+    """Inside the block, ``attention(...)`` runs ``transform(impl)`` instead of ``impl`` (the
+    dispatcher). Deltas use it to change attention without touching model code (prefix tuning
+    prepends learned keys/values). Thread-local; read at trace time."""
+    stack = getattr(_STATE, "transforms", None)
+    if stack is None:
+        stack = _STATE.transforms = []
+    stack.append(transform)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def current_backend() -> tuple[str, dict[str, Any]]:
     stack = getattr(_STATE, "stack", None)
     if stack:
@@ -165,7 +180,18 @@ def _load_builtin_backends() -> None:
     from cpmjax import _backends  # noqa: F401  (registers on import)
 
 
-def attention(
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any) -> jax.Array:
+    """Multi-head attention ``[b, sq, hq, dqk] x [b, sk, hkv, dqk] x [b, sk, hkv, dv] ->
+    [b, sq, hq, dv]``; see the module docstring for backends and masks. Keywords: ``causal``,
+    ``q_positions``, ``kv_positions``, ``segment_ids``, ``kv_segment_ids``, ``mask``,
+    ``sm_scale``, ``backend`` and backend options."""
+    impl = _dispatch
+    for transform in reversed(getattr(_STATE, "transforms", None) or ()):
+        impl = transform(impl)
+    return impl(q, k, v, **kwargs)
+
+
+def _dispatch(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -180,8 +206,6 @@ def attention(
     backend: str | None = None,
     **options: Any,
 ) -> jax.Array:
-    """Multi-head attention ``[b, sq, hq, dqk] x [b, sk, hkv, dqk] x [b, sk, hkv, dv] ->
-    [b, sq, hq, dv]``; see the module docstring for backends and masks."""
     if backend is None:
         backend, ctx_options = current_backend()
         options = {**ctx_options, **options}

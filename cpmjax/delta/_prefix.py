@@ -68,12 +68,9 @@ class Prefix(DeltaModule):
                                    logical_axes=(None, "kv_heads", None))
 
     def wrap(self, fn, args, kwargs):
-        original = ops.attention
-        ops.attention = with_prefix(original, self.prefix_k[...], self.prefix_v[...])
-        try:
+        prefix_k, prefix_v = self.prefix_k[...], self.prefix_v[...]
+        with ops.attention_transform(lambda impl: with_prefix(impl, prefix_k, prefix_v)):
             return fn(*args, **kwargs)
-        finally:
-            ops.attention = original
 
 
 def _kv_shape(entry: Entry, hp: dict[str, Any]) -> tuple[int, int, int]:
