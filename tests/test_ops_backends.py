@@ -30,12 +30,13 @@ def test_backend_matches_reference_values_and_grads(backend):
     model = _model()
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 96, (2, 24)))
     segment_ids = jnp.asarray(np.repeat([[0] * 10 + [1] * 14], 2, 0))
-    ref_logits = model(ids, segment_ids=segment_ids)
-    ref_grads = nnx.grad(_loss)(model, ids, segment_ids)
+    def run(model, ids, segment_ids):
+        return model(ids, segment_ids=segment_ids), nnx.grad(_loss)(model, ids, segment_ids)
+
+    ref_logits, ref_grads = nnx.jit(run)(model, ids, segment_ids)
     options = {"block_k": 8} if backend == "blockwise" else {"block_q": 8, "block_k": 8}
-    with ops.attention_backend(backend, **options):
-        logits = model(ids, segment_ids=segment_ids)
-        grads = nnx.grad(_loss)(model, ids, segment_ids)
+    with ops.attention_backend(backend, **options):  # read when nnx.jit traces
+        logits, grads = nnx.jit(run)(model, ids, segment_ids)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
     for (path, a), (_, b) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads), strict=True):
         np.testing.assert_allclose(a[...], b[...], rtol=1e-3, atol=1e-5, err_msg=str(path))
