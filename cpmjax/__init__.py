@@ -15,6 +15,7 @@ import os
 
 from cpmjax import errors
 from cpmjax.generate.sampler import GenerationResult, GenerationStats, generate
+from cpmjax.generate.speculative import Speculative, SpeculativeStats
 from cpmjax.hf import from_pretrained, save_pretrained
 from cpmjax.models import CausalLM, ModelConfig
 from cpmjax.tokenizer import load_tokenizer
@@ -39,6 +40,8 @@ __all__ = [
     "CausalLM",
     "GenerationResult",
     "GenerationStats",
+    "Speculative",
+    "SpeculativeStats",
     "ModelConfig",
     "default_model_path",
     "errors",

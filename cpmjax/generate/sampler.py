@@ -22,7 +22,13 @@ import numpy as np
 from flax import nnx
 
 from cpmjax import ops
-from cpmjax.errors import EmptyPromptError, InputError, PromptTooLongError, TokenIdError
+from cpmjax.errors import (
+    ConfigError,
+    EmptyPromptError,
+    InputError,
+    PromptTooLongError,
+    TokenIdError,
+)
 from cpmjax.models import CausalLM
 
 
@@ -200,6 +206,9 @@ def generate(
     stream: Callable[[np.ndarray], None] | None = None,
     stream_every: int = 8,
     speculative: Any = None,
+    prefill: str = "local",
+    mesh: jax.sharding.Mesh | None = None,
+    prefill_options: dict[str, Any] | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` new tokens per prompt.
 
@@ -207,7 +216,15 @@ def generate(
     given, is called with the ``[batch, n]`` tokens generated so far after every
     ``stream_every`` tokens. Returns a ``GenerationResult`` with ``.tokens [batch, n]``,
     ``.lengths`` and ``.stats``. ``speculative``: a ``cpmjax.Speculative`` to decode with a draft
-    (EAGLE-2 / FR-Spec; same output distribution, see ``cpmjax.generate.speculative``)."""
+    (EAGLE-2 / FR-Spec; same output distribution, see ``cpmjax.generate.speculative``).
+
+    ``prefill``: ``"local"`` (one device, the default), or a distributed long-context prefill over
+    the ``sequence`` axis of ``mesh``: ``"apb"`` (anchor + compressed passing blocks),
+    ``"star"`` (anchor + local block, nothing passed) or ``"ring"`` (exact, BurstAttention).
+    ``prefill_options`` go to ``sharding.apb_decode.apb_prefill`` (``anchor_len``,
+    ``passing_len``, ``query_len``, ``query_offset``, ``scorer`` ...). APB and Star need prompts
+    of equal length; the cache stays sharded along the sequence and decoding attends to every
+    host's part of it."""
     if speculative is not None:
         from cpmjax.generate.speculative import speculative_generate
 
@@ -234,6 +251,15 @@ def generate(
             f"{config.max_position_embeddings}"
         )
     batch = tokens.shape[0]
+    if prefill not in ("local", "full", "apb", "star", "ring"):
+        raise ConfigError(f"prefill={prefill!r}; expected local, apb, star or ring")
+    if prefill != "local" and prefill != "full":
+        return _generate_distributed(
+            model, tokens, lengths, max_new_tokens, prefill=prefill, mesh=mesh,
+            options=dict(prefill_options or {}), sampling=SamplingConfig(
+                float(temperature), int(top_k), float(top_p)),
+            stop_ids=tuple(int(t) for t in stop_token_ids), pad_id=pad_id, seed=seed,
+        )
     bucket = min(_bucket(longest), config.max_position_embeddings)
     padded = np.full((batch, bucket), pad_id, np.int32)
     padded[:, :longest] = tokens[:, :bucket]
@@ -250,26 +276,36 @@ def generate(
     lengths_dev = jnp.asarray(lengths)
     args = (state, jnp.asarray(padded), lengths_dev, cache)
     t0 = time.perf_counter()
-    prefill, fresh = compiled.get(("prefill", batch, bucket, cache_len), partial(_prefill_fn,
-                                                                                  graphdef), *args)
+    prefill_exe, fresh = compiled.get(("prefill", batch, bucket, cache_len),
+                                      partial(_prefill_fn, graphdef), *args)
     if fresh:
         stats.compile_seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
-    logits, cache = prefill(*args)
+    logits, cache = prefill_exe(*args)
     logits = jax.block_until_ready(logits)
     stats.prefill_seconds = time.perf_counter() - t0
+    return _decode(compiled, graphdef, state, logits, cache, lengths_dev, max_new_tokens,
+                   sampling=sampling, stop_ids=stop_ids, pad_id=pad_id, seed=seed, stats=stats,
+                   stream=stream, stream_every=stream_every)
 
+
+def _decode(compiled, graphdef, state, logits, cache, positions, max_new_tokens, *, sampling,
+            stop_ids, pad_id, seed, stats, stream=None, stream_every=8) -> GenerationResult:
+    """Run the on-device decode loop from prefill logits and a filled cache."""
+    batch, cache_len = logits.shape[0], jax.tree.leaves(cache)[0].shape[1]
     carry = dict(
         key=jax.random.PRNGKey(seed),
         out=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
         done=jnp.zeros((batch,), bool),
-        pos=lengths_dev,
+        pos=positions,
         logits=logits,
         cache=cache,
         step=jnp.asarray(0, jnp.int32),
     )
-    decode_key = ("decode", batch, cache_len, max_new_tokens, sampling, stop_ids, pad_id)
+    cache_sharding = str(getattr(jax.tree.leaves(cache)[0], "sharding", None))
+    decode_key = ("decode", batch, cache_len, max_new_tokens, sampling, stop_ids, pad_id,
+                  cache_sharding)
     decode_fn = partial(_decode_fn, graphdef, sampling, stop_ids, pad_id)
     limit0 = jnp.asarray(max_new_tokens, jnp.int32)
     t0 = time.perf_counter()
@@ -295,3 +331,59 @@ def generate(
     new_lengths = np.asarray(carry["lengths"])
     stats.new_tokens = int(new_lengths.sum())
     return GenerationResult(tokens=out[:, :steps], lengths=new_lengths, stats=stats)
+
+
+def _apb_prefill_fn(graphdef, method, options, mesh, state, tokens, cache):
+    from sharding.apb_decode import apb_prefill
+
+    model = nnx.merge(graphdef, state)
+    logits, cache, _ = apb_prefill(model, tokens, cache, mesh=mesh, method=method,
+                                   **dict(options))
+    return logits, cache
+
+
+def _ring_prefill_fn(graphdef, mesh, state, tokens, lengths, cache):
+    with ops.attention_backend("burst", mesh=mesh):
+        return _prefill_fn(graphdef, state, tokens, lengths, cache)
+
+
+def _generate_distributed(model, tokens, lengths, max_new_tokens, *, prefill, mesh, options,
+                          sampling, stop_ids, pad_id, seed) -> GenerationResult:
+    """Prefill across the ``sequence`` axis of ``mesh`` (APB, Star or ring), then decode with
+    the cache sharded along the sequence."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if mesh is None or "sequence" not in mesh.shape:
+        raise ConfigError(f"prefill={prefill!r} needs mesh= with a 'sequence' axis")
+    if np.any(lengths != lengths[0]):
+        raise InputError(
+            f"prefill={prefill!r} needs prompts of equal length, got lengths {lengths.tolist()}"
+        )
+    hosts = mesh.shape["sequence"]
+    batch, seq = tokens.shape
+    cache_len = -(-(seq + max_new_tokens) // (hosts * 8)) * hosts * 8
+    graphdef, state = nnx.split(model)
+    compiled = _COMPILED.setdefault(graphdef, _Compiled())
+    stats = GenerationStats(prompt_tokens=int(lengths.sum()))
+    cache_sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+    cache = jax.device_put(model.init_cache(batch, cache_len), cache_sharding)
+    frozen = tuple(sorted(options.items()))
+    t0 = time.perf_counter()
+    if prefill == "ring":
+        args = (state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+        exe, fresh = compiled.get(("ring", batch, seq, cache_len, id(mesh)),
+                                  partial(_ring_prefill_fn, graphdef, mesh), *args)
+    else:
+        args = (state, jnp.asarray(tokens), cache)
+        exe, fresh = compiled.get((prefill, batch, seq, cache_len, frozen, id(mesh)),
+                                  partial(_apb_prefill_fn, graphdef, prefill, frozen, mesh),
+                                  *args)
+    if fresh:
+        stats.compile_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logits, cache = exe(*args)
+    logits = jax.block_until_ready(logits)
+    stats.prefill_seconds = time.perf_counter() - t0
+    positions = jnp.full((batch,), seq, jnp.int32)
+    return _decode(compiled, graphdef, state, logits, cache, positions, max_new_tokens,
+                   sampling=sampling, stop_ids=stop_ids, pad_id=pad_id, seed=seed, stats=stats)

@@ -1,0 +1,219 @@
+"""``cpmjax`` subcommands for speculative decoding.
+
+    cpmjax freq-vocab --tokenizer DIR --corpus FILE [FILE ...] --out vocab.npy
+    cpmjax train-draft [--model DIR] --corpus FILE [FILE ...] --out DRAFT_DIR [--steps N]
+                       [--seq-len S] [--batch B] [--lr LR] [--checkpoint-dir DIR]
+                       [--max-minutes M] [--dtype bfloat16|float32]
+    cpmjax generate ... --spec none|eagle2|frspec [--draft DIR] [--freq-vocab FILE]
+                        [--subset N] [--depth D] [--spec-top-k K] [--total-tokens T]
+
+``register`` adds the first two and, when the ``generate`` subparser exists, its speculative
+flags (``add_generate_flags``); ``generate --spec eagle2|frspec`` then runs
+``run_speculative``. Without ``--draft`` the draft shipped beside the bundled model is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from cpmjax.errors import ConfigError, MissingPathError
+
+DEFAULT_DRAFT_NAME = "cpmjax-tiny-draft"
+DEFAULT_FREQ_VOCAB = "freq_vocab.npy"
+
+
+def default_draft_path() -> str:
+    """Directory of the draft shipped for the bundled default model."""
+    import cpmjax
+
+    path = os.path.join(os.path.dirname(os.path.abspath(cpmjax.__file__)), "assets",
+                        DEFAULT_DRAFT_NAME)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise MissingPathError(f"no bundled draft at {path}; pass --draft DIR")
+    return path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("freq-vocab", help="rank token ids by corpus frequency (FR-Spec)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: bundled model)")
+    p.add_argument("--corpus", nargs="+", required=True, help="text files")
+    p.add_argument("--out", required=True, help="output .npy of ranked ids")
+    p.set_defaults(func=_run_freq_vocab)
+
+    p = subparsers.add_parser("train-draft", help="train an EAGLE draft on a target model")
+    p.add_argument("--model", default=None, help="target checkpoint dir (default: bundled)")
+    p.add_argument("--corpus", nargs="+", required=True, help="text files")
+    p.add_argument("--out", required=True, help="directory to export the draft to")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--noise", type=float, default=0.0, help="uniform input-feature noise")
+    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints (resumable)")
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="dtype of the exported weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_train_draft)
+
+    generate = getattr(subparsers, "choices", {}).get("generate")
+    if generate is not None and not any("--spec" in a.option_strings
+                                        for a in generate._actions):
+        add_generate_flags(generate)
+        plain = generate.get_default("func")
+
+        def dispatch(args):
+            if getattr(args, "spec", "none") == "none":
+                return plain(args)
+            return run_speculative(args)
+
+        generate.set_defaults(func=dispatch)
+
+
+def add_generate_flags(parser) -> None:
+    """The speculative-decoding flags of ``cpmjax generate``."""
+    parser.add_argument("--spec", default="none", choices=["none", "eagle2", "frspec"],
+                        help="speculative decoding method")
+    parser.add_argument("--draft", default=None, help="EAGLE draft dir (default: bundled)")
+    parser.add_argument("--freq-vocab", default=None,
+                        help="ranked ids .npy for frspec (default: the draft dir's)")
+    parser.add_argument("--subset", type=int, default=None,
+                        help="frspec: ids the draft head scores (default: vocab / 4)")
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--spec-top-k", type=int, default=10)
+    parser.add_argument("--total-tokens", type=int, default=60)
+
+
+def build_speculative(args, model) -> Any:
+    """A ``Speculative`` from parsed ``generate`` flags."""
+    from cpmjax.generate.speculative import Speculative
+
+    draft = args.draft or default_draft_path()
+    subset = subset_size = None
+    if args.spec == "frspec":
+        subset = args.freq_vocab or os.path.join(draft, DEFAULT_FREQ_VOCAB)
+        if not os.path.isfile(subset):
+            raise MissingPathError(f"no frequency vocabulary at {subset}; pass --freq-vocab")
+        subset_size = args.subset or max(args.spec_top_k, model.config.vocab_size // 4)
+    return Speculative(draft=draft, method=args.spec, vocab_subset=subset,
+                       subset_size=subset_size, depth=args.depth, top_k=args.spec_top_k,
+                       total_tokens=args.total_tokens, time_phases=True)
+
+
+def run_speculative(args, model=None, tokenizer=None, ids=None) -> int:
+    """``cpmjax generate --spec ...``: stream the text, then print speed and acceptance."""
+    import cpmjax
+    from cpmjax.cli import _stop_ids
+    from cpmjax.tokenizer import apply_chat_template, encode
+
+    path = args.model or cpmjax.default_model_path()
+    model = model or cpmjax.from_pretrained(path, dtype=args.dtype)
+    tokenizer = tokenizer or cpmjax.load_tokenizer(path)
+    if ids is None:
+        ids = apply_chat_template(tokenizer, args.prompt) if args.chat else encode(
+            tokenizer, args.prompt)
+    spec = build_speculative(args, model)
+    printed = ""
+
+    def stream(tokens):
+        nonlocal printed
+        text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    result = cpmjax.generate(
+        model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed,
+        stop_token_ids=() if args.no_stop else _stop_ids(model, tokenizer), stream=stream,
+        speculative=spec,
+    )
+    final = tokenizer.decode(result.row(0), skip_special_tokens=True)
+    sys.stdout.write(final[len(printed):] + "\n")
+    sys.stdout.flush()
+    s = result.stats
+    print(
+        f"[cpmjax] {args.spec}: prompt {s.prompt_tokens} tok, prefill "
+        f"{s.prefill_tokens_per_second:.1f} tok/s; generated {s.new_tokens} tok, decode "
+        f"{s.decode_tokens_per_second:.1f} tok/s; mean accepted length "
+        f"{s.mean_accepted_length:.2f} over {s.cycles} cycles; draft {s.draft_share:.0%} / "
+        f"verify {s.verify_share:.0%} of a cycle; compile {s.compile_seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run_freq_vocab(args) -> int:
+    import cpmjax
+    from cpmjax.generate.frspec import count_token_frequencies, rank_by_frequency, save_freq_vocab
+
+    path = args.tokenizer or cpmjax.default_model_path()
+    tokenizer = cpmjax.load_tokenizer(path)
+    counts = count_token_frequencies(tokenizer, args.corpus)
+    out = save_freq_vocab(args.out, rank_by_frequency(counts))
+    seen = int((counts > 0).sum())
+    print(f"[cpmjax] {int(counts.sum())} tokens, {seen} of {counts.size} ids seen -> {out}",
+          file=sys.stderr)
+    return 0
+
+
+def corpus_ids(tokenizer, files) -> Any:
+    """All token ids of text files (documents joined with the EOS token when there is one)."""
+    import numpy as np
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for file in files:
+        file = os.fspath(file)
+        if not os.path.isfile(file):
+            raise MissingPathError(f"corpus file does not exist: {file}")
+        with open(file, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if isinstance(eos, int):
+            ids.append(eos)
+    return np.asarray(ids, np.int32)
+
+
+def _run_train_draft(args) -> int:
+    import cpmjax
+    from cpmjax.generate.eagle import new_draft, save_draft, token_windows, train_draft
+    from cpmjax.generate.frspec import count_token_frequencies, rank_by_frequency, save_freq_vocab
+
+    path = args.model or cpmjax.default_model_path()
+    model = cpmjax.from_pretrained(path, dtype="float32")
+    tokenizer = cpmjax.load_tokenizer(path)
+    ids = corpus_ids(tokenizer, args.corpus)
+    if ids.size <= args.seq_len:
+        raise ConfigError(f"corpus has {ids.size} tokens, need more than --seq-len "
+                          f"{args.seq_len}")
+    draft = new_draft(model, seed=args.seed, dtype="float32")
+
+    def log(step, record):
+        print(f"[train-draft] step {step}: loss {record['loss']:.4f} feature "
+              f"{record['feature_loss']:.4f} token {record['token_loss']:.4f} top1 "
+              f"{record['top1']:.3f}", file=sys.stderr)
+
+    history = train_draft(
+        model, draft, token_windows(ids, args.seq_len, args.batch, seed=args.seed),
+        steps=args.steps, learning_rate=args.lr, noise=args.noise,
+        checkpoint_dir=args.checkpoint_dir, log=log,
+        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+        seed=args.seed,
+    )
+    last = history[-1] if history else {}
+    save_draft(draft, args.out, dtype=args.dtype, metadata={
+        "target": os.path.basename(os.path.abspath(path)), "steps": last.get("step", 0),
+        "seq_len": args.seq_len, "final_loss": last.get("loss"), "final_top1": last.get("top1"),
+    })
+    counts = count_token_frequencies(tokenizer, args.corpus, vocab_size=model.config.vocab_size)
+    save_freq_vocab(os.path.join(args.out, DEFAULT_FREQ_VOCAB), rank_by_frequency(counts))
+    print(f"[cpmjax] draft ({draft.num_parameters():,} parameters) -> {args.out}",
+          file=sys.stderr)
+    return 0

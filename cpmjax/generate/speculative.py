@@ -1,0 +1,588 @@
+"""Lossless speculative decoding: EAGLE-2 dynamic draft trees, optionally with the FR-Spec
+frequency-ranked draft head, in one on-device loop.
+
+One *cycle* (the body of a ``lax.while_loop``, batched, every row independent):
+
+1. **Draft** (``_draft_tree``): from the draft's predicted feature after the root token, expand an
+   EAGLE-2 tree (``tree.py``): ``depth - 1`` draft forwards of ``top_k`` frontier tokens each,
+   every one attending to the committed draft cache plus its own ancestors (written to scratch
+   slots of the draft cache); rerank the candidate pool and keep ``total_tokens``.
+2. **Verify** (``_verify``): one target forward over the ``total_tokens + 1`` tree tokens written
+   to scratch slots ``[cache_len, cache_len + T)`` of the target cache, at tree positions, under
+   the tree mask.
+3. **Accept / commit** (``_commit``): the target picks its token after every node (argmax, or one
+   sample per node from its temperature / top-k / top-p distribution); the longest draft path
+   that agrees is accepted, plus the target's token after it (the *bonus*). The accepted path's
+   keys/values are copied from the scratch slots to consecutive slots (slot = position again),
+   and the draft re-reads the accepted path with the target's true features (its KV cache gets
+   the same compaction) to predict the feature after the new root.
+
+Exactness. The tree is a deterministic function of the draft (top-k at every step), so each
+draft token is a point-mass proposal. The recursive rejection rule over the siblings
+``x_1, x_2, ...`` of a node with target distribution ``p`` then reads: accept ``x_1`` with
+probability ``p(x_1)``; otherwise move to the residual ``p`` with ``x_1`` removed, renormalised,
+and accept ``x_2`` with probability ``p(x_2) / (1 - p(x_1))``; ...; if every sibling is rejected
+sample from ``p`` without the siblings. The probability of ending with token ``y`` is exactly
+``p(y)``, and that is also what one draws by sampling ``y ~ p`` once and descending into the
+child whose token is ``y`` when there is one. The implementation uses that form: one
+independent sample per tree node (``sample_nodes``), so the output is distributed exactly as
+vanilla sampling (greedy is the special case of the argmax). FR-Spec only changes which candidates are proposed
+(the draft scores ``V_s`` frequent ids), never ``p``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cpmjax import ops
+from cpmjax.errors import ConfigError, InputError, PromptTooLongError
+from cpmjax.generate import tree as tree_lib
+from cpmjax.generate.eagle import EagleDraft, check_compatible, load_draft
+from cpmjax.generate.frspec import draft_topk, head_flops, load_freq_vocab
+from cpmjax.generate.sampler import (
+    _COMPILED,
+    GenerationResult,
+    GenerationStats,
+    SamplingConfig,
+    _bucket,
+    _Compiled,
+    prepare_prompts,
+    sample_logits,
+)
+from cpmjax.models import CausalLM
+
+METHODS = ("eagle2", "frspec")
+
+
+@dataclasses.dataclass
+class Speculative:
+    """Speculative decoding settings for ``cpmjax.generate(..., speculative=...)``.
+
+    - ``draft``: an ``EagleDraft`` or the directory of a saved one (``save_draft``).
+    - ``method``: ``"eagle2"`` (full-vocabulary draft head) or ``"frspec"`` (the draft scores
+      only ``vocab_subset``).
+    - ``vocab_subset``: for ``"frspec"``, the frequency-ranked ids (an int array or a ``.npy``
+      written by ``cpmjax freq-vocab``); ``subset_size`` keeps the first that many.
+    - ``depth``: draft steps (tree depth); ``top_k``: branching per step; ``total_tokens``: draft
+      tokens verified per cycle (the tree also holds the root token).
+    - ``head_backend``: the draft head's top-k: ``"xla"``, ``"blockwise"`` or ``"pallas"``
+      (``pallas_kernels.fr_lm_head``; use it on GPU/TPU).
+    - ``time_phases``: after generating, time the draft and verify phases as separate
+      executables on the final state and report their shares of a cycle in the stats.
+    """
+
+    draft: Any
+    method: str = "eagle2"
+    vocab_subset: Any = None
+    subset_size: int | None = None
+    depth: int = 6
+    top_k: int = 10
+    total_tokens: int = 60
+    head_backend: str = "xla"
+    time_phases: bool = False
+
+
+@dataclasses.dataclass
+class SpeculativeStats(GenerationStats):
+    """``GenerationStats`` plus: ``cycles`` (draft-verify cycles summed over rows),
+    ``mean_accepted_length`` (tokens committed per cycle: accepted draft tokens + the bonus
+    token), ``draft_seconds`` / ``verify_seconds`` (one cycle's draft phase / verify forward
+    timed as separate executables when ``time_phases``), ``draft_share`` / ``verify_share``
+    (those over the measured time per loop iteration), ``draft_head_flops`` (per draft token)."""
+
+    cycles: int = 0
+    loop_iterations: int = 0
+    mean_accepted_length: float = 0.0
+    draft_seconds: float = float("nan")
+    verify_seconds: float = float("nan")
+    draft_share: float = float("nan")
+    verify_share: float = float("nan")
+    draft_head_flops: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    depth: int
+    top_k: int
+    total_tokens: int
+    cache_len: int
+    sampling: SamplingConfig
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    max_new_tokens: int
+    head_backend: str
+    subset: bool
+    max_positions: int
+
+    @property
+    def tree_size(self) -> int:
+        return self.total_tokens + 1
+
+    @property
+    def draft_scratch(self) -> int:
+        return max(1, (self.depth - 1) * self.top_k)
+
+
+_DRAFTS: dict[str, EagleDraft] = {}
+
+
+def resolve(spec: Speculative, model: CausalLM) -> tuple[EagleDraft, np.ndarray | None]:
+    """Validate ``spec`` against ``model``; return the draft module and the subset ids."""
+    if spec.method not in METHODS:
+        raise ConfigError(f"speculative method {spec.method!r} is unknown; use one of {METHODS}")
+    if spec.depth < 1 or spec.top_k < 1 or spec.total_tokens < 1:
+        raise ConfigError(
+            f"depth, top_k and total_tokens must be >= 1, got {spec.depth}, {spec.top_k}, "
+            f"{spec.total_tokens}"
+        )
+    limit = tree_lib.pool_size(spec.depth, spec.top_k)
+    if spec.total_tokens > limit:
+        raise ConfigError(
+            f"total_tokens={spec.total_tokens} exceeds the {limit} candidates that depth="
+            f"{spec.depth}, top_k={spec.top_k} produce"
+        )
+    if spec.head_backend not in ("xla", "blockwise", "pallas"):
+        raise ConfigError(
+            f"head_backend {spec.head_backend!r}: use 'xla', 'blockwise' or 'pallas'")
+    draft = spec.draft
+    if isinstance(draft, (str, os.PathLike)):
+        key = f"{os.path.abspath(os.fspath(draft))}|{jnp.dtype(model.dtype).name}"
+        if key not in _DRAFTS:
+            _DRAFTS[key] = load_draft(draft, dtype=model.dtype)
+        draft = _DRAFTS[key]
+    if not isinstance(draft, EagleDraft):
+        raise ConfigError(f"speculative draft must be an EagleDraft or a directory, got {draft!r}")
+    check_compatible(draft, model)
+    vocab = model.config.vocab_size
+    subset = None
+    if spec.method == "frspec":
+        if spec.vocab_subset is None:
+            raise ConfigError("method='frspec' needs vocab_subset (a freq-vocab .npy or ids)")
+        subset = load_freq_vocab(spec.vocab_subset, spec.subset_size, vocab_size=vocab)
+    elif spec.vocab_subset is not None:
+        raise ConfigError("vocab_subset is used only by method='frspec'")
+    scored = vocab if subset is None else subset.size
+    if spec.top_k > scored:
+        raise ConfigError(f"top_k={spec.top_k} exceeds the {scored} ids the draft head scores")
+    return draft, subset
+
+
+# ----------------------------------------------------------------------------------------------
+# the cycle
+def _prefix_mask(pos: jax.Array, cache_len: int, queries: int) -> jax.Array:
+    prefix = jnp.arange(cache_len)[None, :] < pos[:, None]
+    return jnp.broadcast_to(prefix[:, None, :], (pos.shape[0], queries, cache_len))
+
+
+def _draft_tree(target: CausalLM, draft: EagleDraft, head: jax.Array, subset_ids, st: _Static,
+                carry: dict) -> tuple[tree_lib.Tree, list]:
+    """Expand and rerank the EAGLE-2 tree for every row; returns (tree, draft cache)."""
+    k, depth = st.top_k, st.depth
+    pos, root_feature, dcache = carry["pos"], carry["root_feature"], carry["dcache"]
+    b = pos.shape[0]
+    ids, logp = draft_topk(root_feature, head, k, subset_ids, backend=st.head_backend)
+    pool_tokens, pool_scores = [ids], [logp]
+    pool_parents = [jnp.full((b, k), -1, jnp.int32)]
+    frontier_tokens, frontier_scores = ids, logp  # [b, k]
+    frontier_pool = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+    frontier_feat = jnp.broadcast_to(root_feature[:, None, :], (b, k, root_feature.shape[-1]))
+    scratch = st.draft_scratch
+    ancestors = jnp.zeros((b, k, scratch), bool)
+    offset = k
+    for d in range(1, depth):
+        own = (d - 1) * k + jnp.arange(k)
+        ancestors = ancestors | jax.nn.one_hot(own, scratch, dtype=bool)[None]
+        mask = jnp.concatenate([_prefix_mask(pos, st.cache_len, k), ancestors], axis=-1)
+        positions = jnp.broadcast_to(pos[:, None] + (d - 1), (b, k))
+        slots = jnp.broadcast_to(st.cache_len + own, (b, k))
+        out, dcache = draft(frontier_feat, target.embed(frontier_tokens), positions=positions,
+                            cache=dcache, attend_cache=True, mask=mask, cache_slots=slots)
+        ids, logp = draft_topk(out, head, k, subset_ids, backend=st.head_backend)  # [b, k, k]
+        scores = (frontier_scores[..., None] + logp).reshape(b, k * k)
+        ids = ids.reshape(b, k * k)
+        pool_tokens.append(ids)
+        pool_scores.append(scores)
+        pool_parents.append(jnp.repeat(frontier_pool, k, axis=-1))
+        if d < depth - 1:
+            frontier_scores, pick = jax.lax.top_k(scores, k)
+            parent = pick // k
+            frontier_tokens = jnp.take_along_axis(ids, pick, axis=-1)
+            frontier_pool = (offset + pick).astype(jnp.int32)
+            frontier_feat = jnp.take_along_axis(out, parent[..., None], axis=1)
+            ancestors = jnp.take_along_axis(ancestors, parent[..., None], axis=1)
+        offset += k * k
+    tree = tree_lib.select_tree(
+        carry["root"], jnp.concatenate(pool_tokens, -1), jnp.concatenate(pool_parents, -1),
+        jnp.concatenate(pool_scores, -1), tree_lib.pool_depths(depth, k), st.total_tokens, depth,
+    )
+    return tree, dcache
+
+
+def _verify(target: CausalLM, st: _Static, carry: dict, tree: tree_lib.Tree):
+    """One target forward over the tree: hidden ``[b, T, h]``, logits ``[b, T, V]``, cache."""
+    pos = carry["pos"]
+    b, t = tree.tokens.shape
+    positions = tree_lib.tree_positions(pos, tree)
+    mask = tree_lib.verification_mask(pos, st.cache_len, tree)
+    slots = jnp.broadcast_to(st.cache_len + jnp.arange(t), (b, t))
+    rope_len = jnp.minimum(jnp.max(positions) + 1, st.max_positions)
+    hidden, tcache = target(tree.tokens, positions=positions, cache=carry["tcache"],
+                            attend_cache=True, mask=mask, cache_slots=slots, return_hidden=True,
+                            rope_seq_len=rope_len)
+    return hidden, ops.lm_head(hidden, target.head_weight()), tcache
+
+
+def _compact(cache: list, src: jax.Array, dst: jax.Array) -> list:
+    """Copy cache slots ``src [b, n]`` to ``dst [b, n]`` in every layer (out-of-range dst:
+    dropped)."""
+    rows = jnp.arange(src.shape[0])[:, None]
+
+    def move(x):
+        return x.at[rows, dst].set(x[rows, src], mode="drop")
+
+    return [{name: move(x) for name, x in layer.items()} for layer in cache]
+
+
+def _catch_up(target: CausalLM, draft: EagleDraft, features, tokens, pos, slots, dcache):
+    """Draft forward over committed pairs ``(features [b, n, h], tokens [b, n])`` at positions
+    ``pos + arange(n)``, written at ``slots``; returns predicted features and the cache."""
+    b, n = tokens.shape
+    positions = pos[:, None] + jnp.arange(n)[None, :]
+    return draft(features, target.embed(tokens), positions=positions, cache=dcache,
+                 attend_cache=True, cache_slots=slots)
+
+
+def _commit(target: CausalLM, draft: EagleDraft, st: _Static, carry: dict,
+            tree: tree_lib.Tree, hidden, logits, tcache, dcache, key) -> dict:
+    b, t = tree.tokens.shape
+    depth = st.depth
+    if st.sampling.greedy:
+        choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        choice = sample_nodes(logits, key, st.sampling)
+    accept_len, path, bonus = tree_lib.accept(tree, choice, depth)
+    active = ~carry["done"]
+    pos, lengths = carry["pos"], carry["lengths"]
+    j = jnp.arange(depth + 1)[None, :]
+    path_tokens = jnp.take_along_axis(tree.tokens, path, axis=-1)  # [b, D+1], [:, 0] = root
+    shifted = jnp.concatenate([path_tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=-1)
+    a = accept_len[:, None]
+    valid = j <= a
+    new_tokens = jnp.where(j < a, shifted, jnp.where(j == a, bonus[:, None], st.pad_id))
+    # stop tokens and the length limit cut the committed tokens (the row is then done)
+    count = accept_len + 1
+    stopped = jnp.zeros((b,), bool)
+    if st.stop_ids:
+        is_stop = jnp.any(new_tokens[..., None] == jnp.asarray(st.stop_ids)[None, None], -1)
+        is_stop = is_stop & valid
+        stopped = jnp.any(is_stop, axis=-1)
+        first = jnp.argmax(is_stop, axis=-1)
+        count = jnp.where(stopped, jnp.minimum(count, first + 1), count)
+    count = jnp.minimum(count, st.max_new_tokens - lengths)
+    count = jnp.where(active, count, 0)
+    width = carry["out"].shape[1]
+    rows = jnp.arange(b)[:, None]
+    out_idx = jnp.where(j < count[:, None], lengths[:, None] + j, width)
+    out = carry["out"].at[rows, out_idx].set(new_tokens, mode="drop")
+    new_lengths = lengths + count
+    done = carry["done"] | (active & stopped) | (new_lengths >= st.max_new_tokens)
+    # KV compaction of the accepted path: scratch slot cache_len + path[j] -> slot pos + j
+    keep = valid & active[:, None]
+    target_total = tcache[0]["k"].shape[1]
+    tcache = _compact(tcache, st.cache_len + path,
+                      jnp.where(keep, pos[:, None] + j, target_total))
+    # the draft re-reads the accepted pairs with the target's features
+    features = jnp.take_along_axis(hidden, path[..., None], axis=1)
+    draft_total = dcache[0]["k"].shape[1]
+    slots = jnp.where(keep, pos[:, None] + j, draft_total)
+    predicted, dcache = _catch_up(target, draft, features, new_tokens, pos, slots, dcache)
+    root_feature = jnp.take_along_axis(predicted, accept_len[:, None, None], axis=1)[:, 0]
+    cycle = active.astype(jnp.int32)
+    return dict(
+        carry,
+        out=out,
+        lengths=new_lengths,
+        done=done,
+        root=jnp.where(active, bonus, carry["root"]),
+        pos=jnp.where(active, pos + accept_len + 1, pos),
+        root_feature=jnp.where(active[:, None], root_feature.astype(carry["root_feature"].dtype),
+                               carry["root_feature"]),
+        tcache=tcache,
+        dcache=dcache,
+        committed=carry["committed"] + cycle * (accept_len + 1),
+        cycles=carry["cycles"] + cycle,
+    )
+
+
+def filtered_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Temperature, top-k and top-p applied to float32 ``logits [..., vocab]`` exactly as
+    ``sample_logits`` does before it samples (-inf outside the kept set)."""
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cumulative = jnp.cumsum(probs, axis=-1)
+        keep = (cumulative - probs) < sampling.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample_nodes(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """One independent sample per tree node from the filtered target distribution:
+    ``logits [b, T, vocab]`` -> ``[b, T]`` int32, by inverting the CDF at one uniform per node
+    (``T`` random numbers instead of the ``T * vocab`` Gumbel draws of
+    ``jax.random.categorical``; the distribution is the same, up to float32 rounding of the
+    CDF)."""
+    probs = jax.nn.softmax(filtered_logits(logits, sampling), axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
+    index = jnp.sum(cdf <= u, axis=-1)
+    # never land on a zero-probability id (u at the very top of the CDF, or rounding)
+    last_kept = logits.shape[-1] - 1 - jnp.argmax(probs[..., ::-1] > 0, axis=-1)
+    return jnp.minimum(index, last_kept).astype(jnp.int32)
+
+
+def _prefill_fn(tgraph, dgraph, st: _Static, tstate, dstate, tokens, lengths, tcache, dcache,
+                key):
+    """Prefill target and draft; sample the first token; return the loop carry."""
+    target, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    hidden, tcache = target(tokens, positions=positions, cache=tcache, return_hidden=True,
+                            rope_seq_len=jnp.max(lengths))
+    rows = jnp.arange(b)
+    logits = ops.lm_head(hidden[rows, lengths - 1], target.head_weight())
+    key, sub = jax.random.split(key)
+    first = sample_logits(logits, sub, st.sampling)
+    following = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=-1)
+    following = following.at[rows, lengths - 1].set(first)
+    predicted, dcache = draft(hidden, target.embed(following), positions=positions, cache=dcache)
+    root_feature = predicted[rows, lengths - 1]
+    width = st.max_new_tokens + st.depth + 1
+    out = jnp.full((b, width), st.pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.full((b,), st.max_new_tokens <= 1)
+    if st.stop_ids:
+        done = done | jnp.any(first[:, None] == jnp.asarray(st.stop_ids)[None], -1)
+    return dict(
+        key=key, out=out, lengths=jnp.ones((b,), jnp.int32), done=done, root=first,
+        pos=lengths.astype(jnp.int32), root_feature=root_feature, tcache=tcache, dcache=dcache,
+        committed=jnp.zeros((b,), jnp.int32), cycles=jnp.zeros((b,), jnp.int32),
+        it=jnp.asarray(0, jnp.int32),
+    )
+
+
+def _loop_fn(tgraph, dgraph, st: _Static, tstate, dstate, head, subset_ids, carry, it_limit):
+    """Draft -> verify -> commit until every row is done or ``it_limit`` iterations ran."""
+    target, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
+
+    def cond(c):
+        return ~jnp.all(c["done"]) & (c["it"] < it_limit)
+
+    def body(c):
+        key, sub = jax.random.split(c["key"])
+        tree, dcache = _draft_tree(target, draft, head, subset_ids, st, c)
+        hidden, logits, tcache = _verify(target, st, c, tree)
+        c = _commit(target, draft, st, dict(c, key=key), tree, hidden, logits, tcache, dcache,
+                    sub)
+        return dict(c, it=c["it"] + 1)
+
+    return jax.lax.while_loop(cond, body, carry)
+
+
+# ----------------------------------------------------------------------------------------------
+# phase timing: each phase alone in its own on-device loop (the output of one iteration feeds
+# the next, so nothing is hoisted), started from the final decoding state
+def _draft_phase_fn(tgraph, dgraph, st, iterations, tstate, dstate, head, subset_ids, carry):
+    target, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
+    n = st.depth + 1
+
+    def body(_, c):
+        tree, dcache = _draft_tree(target, draft, head, subset_ids, st, c)
+        feats = jnp.broadcast_to(c["root_feature"][:, None], (tree.tokens.shape[0], n,
+                                                              c["root_feature"].shape[-1]))
+        slots = jnp.full(tree.tokens.shape[:1] + (n,), dcache[0]["k"].shape[1])  # dropped
+        predicted, dcache = _catch_up(target, draft, feats, tree.tokens[:, :n], c["pos"], slots,
+                                      dcache)
+        return dict(c, root=tree.tokens[:, 1], root_feature=predicted[:, -1].astype(
+            c["root_feature"].dtype), dcache=dcache)
+
+    return jax.lax.fori_loop(0, iterations, body, carry)["root_feature"]
+
+
+def _verify_phase_fn(tgraph, dgraph, st, iterations, tstate, dstate, head, subset_ids, carry):
+    target, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
+    tree, _ = _draft_tree(target, draft, head, subset_ids, st, carry)
+
+    def body(_, state):
+        tokens, tcache = state
+        _, logits, tcache = _verify(target, st, dict(carry, tcache=tcache),
+                                    tree._replace(tokens=tokens))
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, tcache
+
+    return jax.lax.fori_loop(0, iterations, body, (tree.tokens, carry["tcache"]))[0]
+
+
+def _time(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# ----------------------------------------------------------------------------------------------
+def speculative_generate(
+    model: CausalLM,
+    input_ids: Any,
+    max_new_tokens: int,
+    speculative: Speculative,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    pad_token_id: int | None = None,
+    stream: Callable[[np.ndarray], None] | None = None,
+    stream_every: int = 8,
+) -> GenerationResult:
+    """``cpmjax.generate`` with speculative decoding (same arguments and result; the stats are a
+    ``SpeculativeStats``). Greedy output equals vanilla greedy output token for token; sampled
+    output has exactly the vanilla distribution."""
+    result, _ = _generate(model, input_ids, max_new_tokens, speculative, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+                          pad_token_id=pad_token_id, stream=stream, stream_every=stream_every)
+    return result
+
+
+def _generate(model, input_ids, max_new_tokens, speculative, *, temperature=0.0, top_k=0,
+              top_p=1.0, seed=0, stop_token_ids=(), pad_token_id=None, stream=None,
+              stream_every=8):
+    """``speculative_generate`` that also returns the final loop carry (caches included)."""
+    config = model.config
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or temperature < 0:
+        raise InputError(f"top_k and temperature must be >= 0, got {top_k}, {temperature}")
+    draft, subset = resolve(speculative, model)
+    pad_id = 0 if pad_token_id is None else int(pad_token_id)
+    tokens, lengths = prepare_prompts(input_ids, config.vocab_size, pad_id)
+    longest = int(lengths.max())
+    if longest + max_new_tokens > config.max_position_embeddings:
+        worst = int(np.argmax(lengths))
+        raise PromptTooLongError(
+            f"prompt {worst} has {longest} tokens; with max_new_tokens={max_new_tokens} that is "
+            f"{longest + max_new_tokens} > max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
+    batch = tokens.shape[0]
+    bucket = min(_bucket(longest), config.max_position_embeddings)
+    padded = np.full((batch, bucket), pad_id, np.int32)
+    padded[:, :longest] = tokens[:, :bucket]
+    depth = speculative.depth
+    cache_len = max(bucket, longest + max_new_tokens + depth + 2)
+    cache_len = -(-cache_len // 64) * 64
+    st = _Static(
+        depth=depth, top_k=speculative.top_k, total_tokens=speculative.total_tokens,
+        cache_len=cache_len, sampling=SamplingConfig(float(temperature), int(top_k), float(top_p)),
+        stop_ids=tuple(int(t) for t in stop_token_ids), pad_id=pad_id,
+        max_new_tokens=int(max_new_tokens), head_backend=speculative.head_backend,
+        subset=subset is not None, max_positions=config.max_position_embeddings,
+    )
+    tgraph, tstate = nnx.split(model)
+    dgraph, dstate = nnx.split(draft)
+    compiled = _COMPILED.setdefault(("speculative", tgraph, dgraph), _Compiled())
+    stats = SpeculativeStats(prompt_tokens=int(lengths.sum()))
+    head_full = model.head_weight()
+    if subset is None:
+        head, subset_ids = head_full, None
+        stats.draft_head_flops = head_flops(config.hidden_size, config.vocab_size)
+    else:
+        subset_ids = jnp.asarray(subset)
+        head = jnp.take(head_full, subset_ids, axis=0)
+        stats.draft_head_flops = head_flops(config.hidden_size, int(subset.size))
+
+    tcache = model.init_cache(batch, cache_len + st.tree_size)
+    dcache = draft.init_cache(batch, cache_len + st.draft_scratch, dtype=draft.dtype)
+    args = (tstate, dstate, jnp.asarray(padded), jnp.asarray(lengths), tcache, dcache,
+            jax.random.PRNGKey(seed))
+    t0 = time.perf_counter()
+    prefill, fresh = compiled.get(("prefill", batch, bucket, st),
+                                  partial(_prefill_fn, tgraph, dgraph, st), *args)
+    if fresh:
+        stats.compile_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(prefill(*args))
+    stats.prefill_seconds = time.perf_counter() - t0
+
+    loop_fn = partial(_loop_fn, tgraph, dgraph, st)
+    limit0 = jnp.asarray(max_new_tokens, jnp.int32)  # a cycle commits >= 1 token per row
+    t0 = time.perf_counter()
+    scored = None if subset is None else int(subset.size)
+    loop, fresh = compiled.get(("loop", batch, st, scored), loop_fn, tstate, dstate,
+                               head, subset_ids, carry, limit0)
+    if fresh:
+        stats.compile_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if stream is None:
+        carry = loop(tstate, dstate, head, subset_ids, carry, limit0)
+    else:
+        chunk = max(1, stream_every // 4)
+        limit = 0
+        while True:
+            limit += chunk
+            carry = loop(tstate, dstate, head, subset_ids, carry, jnp.asarray(limit, jnp.int32))
+            n = int(np.max(np.asarray(carry["lengths"])))
+            stream(np.asarray(carry["out"][:, :n]))
+            if bool(np.all(np.asarray(carry["done"]))) or limit >= max_new_tokens:
+                break
+    out = np.asarray(jax.block_until_ready(carry["out"]))
+    stats.decode_seconds = time.perf_counter() - t0
+    new_lengths = np.asarray(carry["lengths"])
+    # the first token comes from the prefill, like vanilla decoding's first step
+    stats.new_tokens = int(new_lengths.sum())
+    stats.decode_steps = int(carry["it"])
+    stats.loop_iterations = int(carry["it"])
+    cycles = np.asarray(carry["cycles"])
+    stats.cycles = int(cycles.sum())
+    stats.mean_accepted_length = (
+        float(np.asarray(carry["committed"]).sum() / cycles.sum()) if cycles.sum() else 0.0
+    )
+    if speculative.time_phases and stats.loop_iterations:
+        _time_phases(compiled, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids,
+                     carry, batch)
+    steps = int(new_lengths.max())
+    return GenerationResult(tokens=out[:, :steps], lengths=new_lengths, stats=stats), carry
+
+
+def _time_phases(compiled, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids, carry,
+                 batch, iterations: int = 16):
+    scored = None if subset_ids is None else int(subset_ids.shape[0])
+    args = (tstate, dstate, head, subset_ids, carry)
+    for name, fn in (("draft", _draft_phase_fn), ("verify", _verify_phase_fn)):
+        executable, _ = compiled.get((f"{name}-phase", batch, st, scored, iterations),
+                                     partial(fn, tgraph, dgraph, st, iterations), *args)
+        seconds = _time(executable, *args, repeats=3) / iterations
+        setattr(stats, f"{name}_seconds", seconds)
+    per_iteration = stats.decode_seconds / stats.loop_iterations
+    stats.draft_share = stats.draft_seconds / per_iteration
+    stats.verify_share = stats.verify_seconds / per_iteration
