@@ -52,3 +52,12 @@ def test_distributed_prefill_errors(model):
         cpmjax.generate(model, [[5] * 16, [6] * 8], 4, prefill="star", mesh=make_mesh(sequence=4))
     with pytest.raises(errors.ConfigError, match="prefill='magic'"):
         cpmjax.generate(model, [[5] * 16], 4, prefill="magic")
+
+
+def test_ring_prefill_generates_like_local(model):
+    """prefill='ring' is exact (BurstAttention): same greedy tokens as one device."""
+    mesh = make_mesh(sequence=4)
+    prompts = np.random.RandomState(2).randint(3, 96, (2, 30))
+    local = cpmjax.generate(model, prompts, 6)
+    ring = cpmjax.generate(model, prompts, 6, prefill="ring", mesh=mesh)
+    np.testing.assert_array_equal(ring.tokens, local.tokens)

@@ -343,7 +343,7 @@ def _apb_prefill_fn(graphdef, method, options, mesh, state, tokens, cache):
 
 
 def _ring_prefill_fn(graphdef, mesh, state, tokens, lengths, cache):
-    with ops.attention_backend("burst", mesh=mesh):
+    with ops.attention_backend("burst", mesh=mesh, layout="contiguous"):
         return _prefill_fn(graphdef, state, tokens, lengths, cache)
 
 
@@ -370,7 +370,10 @@ def _generate_distributed(model, tokens, lengths, max_new_tokens, *, prefill, me
     frozen = tuple(sorted(options.items()))
     t0 = time.perf_counter()
     if prefill == "ring":
-        args = (state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+        width = -(-seq // hosts) * hosts  # right-pad so that every host holds a block
+        padded = np.full((batch, width), pad_id, np.int32)
+        padded[:, :seq] = tokens
+        args = (state, jnp.asarray(padded), jnp.asarray(lengths), cache)
         exe, fresh = compiled.get(("ring", batch, seq, cache_len, id(mesh)),
                                   partial(_ring_prefill_fn, graphdef, mesh), *args)
     else:
