@@ -18,10 +18,16 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise MissingPathError(f"tokenizer directory does not exist: {path}")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it warns about model types it has no class for (minicpm)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises OSError / ValueError variants
         raise CheckpointError(f"cannot load a tokenizer from {path}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def apply_chat_template(tokenizer: Any, prompt: str) -> list[int]:
