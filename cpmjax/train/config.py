@@ -1,0 +1,194 @@
+"""Typed training configuration: pydantic models loaded from YAML, with ``key.sub=value``
+overrides from the command line.
+
+Example (``configs/cpmjax-tiny.yaml``)::
+
+    model:
+      config: {model_type: minicpm, hidden_size: 256, num_hidden_layers: 4, ...}
+    data:   {sources: [stdlib, package-metadata], vocab_size: 32768, seq_len: 256, batch_size: 8}
+    optim:  {lr: 0.01, schedule: wsd, warmup_steps: 50, decay_steps: 100}
+    run:    {steps: 1000, out_dir: runs/tiny, checkpoint_every: 100}
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cpmjax.errors import ConfigError, MissingPathError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Section):
+    """What to train: a fresh model from ``config`` (HF config.json field names; a
+    ``vocab_size`` of 0 or absent takes the tokenizer's size rounded up to a multiple of 128)
+    or the checkpoint at ``init_from`` (an HF-layout directory)."""
+
+    config: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = None
+    init_std: float | None = None  # μP init: blocks' matrices get init_std / sqrt(width_scale)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DataConfig(_Section):
+    sources: list[str] = Field(default_factory=lambda: ["stdlib", "package-metadata"])
+    tokenizer: str | None = None  # an HF tokenizer directory; None: train a byte-level BPE
+    vocab_size: int = 32768  # for a newly trained tokenizer
+    eval_fraction: float = 0.02
+    max_files: int | None = None  # keep the first N files of each split (smoke tests)
+    seq_len: int = 256
+    batch_size: int = 8
+    shuffle: bool = True
+    cache_dir: str | None = None  # default: <out_dir>/data
+
+
+class OptimConfig(_Section):
+    lr: float = 0.01
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: int = 50
+    decay_start: int | None = None  # default: steps - decay_steps
+    decay_steps: int | None = None  # default: 10% of the steps
+    decay: Literal["exp", "linear", "cosine"] = "exp"
+    half_life: float | None = None
+    min_ratio: float = 0.0
+    cosine_min_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    mup: bool = True  # μP learning-rate groups (minicpm models)
+
+
+class MeshConfig(_Section):
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+class DeltaConfig(_Section):
+    method: str | None = None  # e.g. "lora": only the delta's parameters train
+    targets: list[str] | None = None
+    hparams: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(_Section):
+    steps: int = 1000
+    out_dir: str = "runs/train"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 100  # steps; 0 disables step-based saves
+    checkpoint_minutes: float | None = None  # also save when this much time passed
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    resume: bool = True
+    export_dir: str | None = None  # default: <out_dir>/hf
+    export_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    loss_chunk: int = 128
+    loss_remat: bool = True  # recompute each chunk's logits in the backward pass
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    progress: bool = True
+    tensorboard: bool = True
+    max_minutes: float | None = None  # stop (after a checkpoint) when exceeded
+    throttle_seconds: float = 0.0  # sleep after each step (tests of interrupted runs)
+
+
+class TrainConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    delta: DeltaConfig = Field(default_factory=DeltaConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.run.steps < 1:
+            raise ValueError(f"run.steps must be >= 1, got {self.run.steps}")
+        mesh = self.run.mesh
+        rows = mesh.data * mesh.fsdp
+        if self.data.batch_size % rows:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is not divisible by the batch mesh axes "
+                f"data*fsdp={rows}"
+            )
+        return self
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def decay_steps(self) -> int:
+        o = self.optim
+        return o.decay_steps if o.decay_steps is not None else max(1, self.run.steps // 10)
+
+    @property
+    def decay_start(self) -> int:
+        o = self.optim
+        return o.decay_start if o.decay_start is not None else self.run.steps - self.decay_steps
+
+    @property
+    def export_dir(self) -> str:
+        return self.run.export_dir or os.path.join(self.run.out_dir, "hf")
+
+    @property
+    def cache_dir(self) -> str:
+        return self.data.cache_dir or os.path.join(self.run.out_dir, "data")
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=0.02"`` -> ``("optim.lr", 0.02)`` (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults) and apply dotted-key overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise MissingPathError(f"training config {path} does not exist")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+    items = overrides or {}
+    if isinstance(items, list):
+        items = dict(parse_override(x) for x in items)
+    for key, value in items.items():
+        _set_path(data, key, value)
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid training config{where}: {exc}") from exc
+
+
+def dump_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.model_dump(), f, sort_keys=False)

@@ -1,0 +1,297 @@
+"""Training data: a corpus of local text files, tokenized once into a memory-mapped token stream,
+and a deterministic, resumable iterator of fixed-length packed batches.
+
+Corpus sources (``DataConfig.sources``), each expanded to a sorted file list:
+
+- ``"stdlib"``: the running Python's standard library source (``sysconfig.get_paths()["stdlib"]``,
+  ``*.py``, without ``site-packages`` and the ``test``/``tests`` packages). Its
+  ``pydoc_data/topics.py`` carries the Python language reference as English prose.
+- ``"package-metadata"``: the ``METADATA`` files of the installed distributions
+  (``*.dist-info/METADATA``): English project descriptions in Markdown / reStructuredText.
+- any other string: a file, a directory (searched recursively for ``*.py, *.txt, *.md, *.rst``)
+  or a glob pattern.
+
+A file goes to the evaluation split when a hash of its path (relative to its source root) falls
+below ``eval_fraction``: stable across machines and runs.
+
+Packing: documents are ``[BOS] tokens [EOS]`` concatenated into one stream; batch rows are
+windows of ``seq_len + 1`` tokens. Each row carries ``segment_ids`` (a new segment at every BOS)
+and per-document ``positions`` so attention never crosses a document boundary, and a
+``loss_mask`` that drops the one target that does (predicting the next document's BOS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from cpmjax.errors import ConfigError, MissingPathError
+
+_TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+# ----------------------------------------------------------------------------------------------
+# corpus
+@dataclasses.dataclass(frozen=True)
+class CorpusFile:
+    path: str
+    key: str  # path relative to its source root, prefixed by the source name (split hashing)
+
+
+def _stdlib_files() -> list[CorpusFile]:
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                full = os.path.join(dirpath, name)
+                out.append(CorpusFile(full, "stdlib/" + os.path.relpath(full, root)))
+    return out
+
+
+def _metadata_files() -> list[CorpusFile]:
+    import site
+
+    out = []
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()]
+    for root in roots:
+        for full in sorted(glob.glob(os.path.join(root, "*.dist-info", "METADATA"))):
+            out.append(CorpusFile(full, "metadata/" + os.path.relpath(full, root)))
+    return out
+
+
+def _path_files(source: str) -> list[CorpusFile]:
+    if os.path.isfile(source):
+        return [CorpusFile(source, os.path.basename(source))]
+    if os.path.isdir(source):
+        out = []
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.endswith(_TEXT_SUFFIXES):
+                    full = os.path.join(dirpath, name)
+                    out.append(CorpusFile(full, os.path.relpath(full, source)))
+        return out
+    matches = sorted(glob.glob(source, recursive=True))
+    if not matches:
+        raise MissingPathError(f"corpus source {source!r} is not a file, directory or glob match")
+    return [CorpusFile(m, m) for m in matches if os.path.isfile(m)]
+
+
+def collect_files(sources: list[str]) -> list[CorpusFile]:
+    """Every file of every source, in a stable order (duplicates dropped)."""
+    files: list[CorpusFile] = []
+    seen: set[str] = set()
+    for source in sources:
+        if source == "stdlib":
+            found = _stdlib_files()
+        elif source == "package-metadata":
+            found = _metadata_files()
+        else:
+            found = _path_files(source)
+        for f in found:
+            real = os.path.realpath(f.path)
+            if real not in seen:
+                seen.add(real)
+                files.append(f)
+    if not files:
+        raise ConfigError(f"corpus sources {sources} hold no text files")
+    return files
+
+
+def split_files(files: list[CorpusFile], eval_fraction: float
+                ) -> tuple[list[CorpusFile], list[CorpusFile]]:
+    """Split into (train, eval) by a hash of each file's key; at least one file each when there
+    are two or more files and ``eval_fraction > 0``."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+
+    def unit(f: CorpusFile) -> float:
+        digest = hashlib.sha256(f.key.encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2**64
+
+    train = [f for f in files if unit(f) >= eval_fraction]
+    held = [f for f in files if unit(f) < eval_fraction]
+    if eval_fraction > 0 and not held and len(files) > 1:
+        first = min(files, key=unit)
+        held, train = [first], [f for f in files if f is not first]
+    return train, held
+
+
+# ----------------------------------------------------------------------------------------------
+# token stream on disk
+def tokenize_to_memmap(files: list[CorpusFile], tokenizer: Any, path: str | os.PathLike,
+                       *, batch_files: int = 64) -> np.memmap:
+    """Tokenize ``files`` (each a ``[BOS] ... [EOS]`` document) into a flat token file ``path``
+    (``uint16`` when the vocabulary fits, else ``uint32``) with a JSON sidecar ``path.json``.
+    Written to a temporary name and renamed, so a stopped build never leaves a partial file
+    that looks finished. Returns the read-only memmap."""
+    path = os.fspath(path)
+    vocab = len(tokenizer)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    count = 0
+    documents = 0
+    with open(tmp, "wb") as out:
+        for start in range(0, len(files), batch_files):
+            texts = []
+            for f in files[start:start + batch_files]:
+                with open(f.path, encoding="utf-8", errors="replace") as fh:
+                    text = fh.read()
+                if text.strip():
+                    texts.append(text)
+            if not texts:
+                continue
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            for ids in encoded:
+                doc = np.asarray(
+                    ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
+                    + list(ids) + [tokenizer.eos_token_id], dtype=dtype,
+                )
+                out.write(doc.tobytes())
+                count += doc.size
+                documents += 1
+    meta = {"dtype": np.dtype(dtype).name, "tokens": count, "documents": documents,
+            "files": len(files), "vocab_size": vocab}
+    with open(tmp + ".json", "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp, path)
+    os.replace(tmp + ".json", path + ".json")
+    return open_memmap(path)
+
+
+def open_memmap(path: str | os.PathLike) -> np.memmap:
+    """The token stream written by ``tokenize_to_memmap`` (read-only)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
+        raise MissingPathError(f"no token file at {path} (with its {path}.json sidecar)")
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if data.size != meta["tokens"]:
+        raise ConfigError(
+            f"token file {path} holds {data.size} tokens but its sidecar says {meta['tokens']}; "
+            "delete it to rebuild"
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+def pack_rows(windows: np.ndarray, bos_id: int | None, pad_id: int | None = None
+              ) -> dict[str, np.ndarray]:
+    """Turn ``windows [batch, seq+1]`` of the token stream into a training batch.
+
+    Returns ``input_ids, targets, segment_ids, positions [batch, seq]`` (int32) and
+    ``loss_mask [batch, seq]`` (float32): a new segment starts at every BOS; positions count
+    from 0 at each segment start (and at the row start); a target that is a BOS (the jump into
+    the next document) or a pad is masked out."""
+    windows = windows.astype(np.int32)
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    b, s = inputs.shape
+    idx = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    if bos_id is None:
+        starts = np.zeros((b, s), dtype=bool)
+    else:
+        starts = inputs == bos_id
+    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32)
+    seg_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    positions = (idx - seg_start).astype(np.int32)
+    mask = np.ones((b, s), np.float32)
+    if bos_id is not None:
+        mask[targets == bos_id] = 0.0
+    if pad_id is not None:
+        mask[targets == pad_id] = 0.0
+    return {
+        "input_ids": inputs,
+        "targets": targets,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": mask,
+    }
+
+
+class PackedBatches:
+    """Deterministic, resumable iterator of packed batches over a token stream.
+
+    The stream is cut into ``(len - 1) // seq_len`` non-overlapping windows of ``seq_len + 1``
+    tokens; each epoch visits them in the order of a permutation seeded by ``(seed, epoch)``
+    (``shuffle=False``: in order). The position is ``{"epoch", "batch"}`` (``state()`` /
+    ``restore()``); batch ``i`` of epoch ``e`` is the same on every machine and every run."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
+                 shuffle: bool = True, bos_id: int | None = None, pad_id: int | None = None):
+        self.tokens = tokens
+        self.batch_size = int(batch_size)
+        self.seq_len = int(seq_len)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.bos_id, self.pad_id = bos_id, pad_id
+        self.num_windows = (tokens.size - 1) // self.seq_len
+        self.batches_per_epoch = self.num_windows // self.batch_size
+        if self.batches_per_epoch < 1:
+            raise ConfigError(
+                f"the token stream ({tokens.size} tokens) is too short for one batch of "
+                f"{batch_size} x {seq_len + 1} tokens"
+            )
+        self.epoch = 0
+        self.batch = 0
+        self._order_epoch = -1
+        self._order: np.ndarray | None = None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+
+    def restore(self, state: dict[str, int]) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ConfigError(
+                f"data iterator seed {self.seed} differs from the checkpoint's {state['seed']}"
+            )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def _permutation(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self._order = rng.permutation(self.num_windows)
+            else:
+                self._order = np.arange(self.num_windows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def windows(self, window_ids: np.ndarray) -> np.ndarray:
+        starts = window_ids.astype(np.int64) * self.seq_len
+        offsets = np.arange(self.seq_len + 1, dtype=np.int64)
+        return np.asarray(self.tokens[starts[:, None] + offsets[None, :]])
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.batch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch = 0
+        order = self._permutation()
+        ids = order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
+        self.batch += 1
+        return pack_rows(self.windows(ids), self.bos_id, self.pad_id)
+
+    def fixed_batches(self, count: int) -> list[dict[str, np.ndarray]]:
+        """The first ``count`` batches in stream order (evaluation), without moving."""
+        count = min(count, self.batches_per_epoch)
+        out = []
+        for i in range(count):
+            ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
+            out.append(pack_rows(self.windows(ids), self.bos_id, self.pad_id))
+        return out
