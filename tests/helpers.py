@@ -142,3 +142,20 @@ class TorchMiniCPM:
         x = self._rms(x, w["model.norm.weight"]) / (h / c["dim_model_base"])
         head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
         return (x @ head.T).numpy()
+
+
+def word_tokenizer(path, words: str = "def fibonacci ( n ) : return if else a b c the of and to"):
+    """A word-level HF tokenizer over a tiny vocabulary (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2),
+    saved to ``path``; returned too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in words.split():
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast

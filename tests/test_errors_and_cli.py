@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import save_hf_model, tiny_llama_config, write_random_minicpm
+from helpers import save_hf_model, tiny_llama_config, word_tokenizer, write_random_minicpm
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaForCausalLM
 
@@ -94,26 +94,11 @@ def test_failed_save_keeps_last_good_checkpoint(ckpt, monkeypatch):
     assert (out / "tokenizer.json").exists()
 
 
-def _tiny_tokenizer(path):
-    """A word-level tokenizer over a tiny vocabulary, saved as an HF tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for word in "def fibonacci ( n ) : return if else a b c the of and to".split():
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.save_pretrained(path)
-
-
 def test_cli_generate_streams_and_reports(tmp_path, capsys):
     from cpmjax.cli import main
 
     write_random_minicpm(tmp_path / "m", max_position_embeddings=64)
-    _tiny_tokenizer(tmp_path / "m")
+    word_tokenizer(tmp_path / "m")
     code = main(["generate", "--model", str(tmp_path / "m"), "--prompt", "def fibonacci ( n ) :",
                  "--max-new-tokens", "6", "--no-stop"])
     captured = capsys.readouterr()
@@ -140,7 +125,7 @@ def test_load_tokenizer_errors(tmp_path):
 def test_chat_template_is_used_when_present(tmp_path):
     from cpmjax.tokenizer import apply_chat_template, encode
 
-    _tiny_tokenizer(tmp_path / "t")
+    word_tokenizer(tmp_path / "t")
     tok = cpmjax.load_tokenizer(tmp_path / "t")
     assert apply_chat_template(tok, "the fibonacci") == encode(tok, "the fibonacci")
     tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}a"

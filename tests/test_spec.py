@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import word_tokenizer
 
 import cpmjax
 from cpmjax import errors
@@ -356,20 +357,6 @@ def test_speculative_config_errors(setup):
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-def _word_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for word in "def fibonacci ( n ) : return if else a b c the of and to".split():
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.save_pretrained(path)
-
-
 def test_cli_freq_vocab_train_draft_and_generate(tmp_path, capsys):
     from helpers import write_random_minicpm
 
@@ -377,7 +364,7 @@ def test_cli_freq_vocab_train_draft_and_generate(tmp_path, capsys):
 
     model_dir = tmp_path / "m"
     write_random_minicpm(model_dir, max_position_embeddings=64)
-    _word_tokenizer(model_dir)
+    word_tokenizer(model_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def fibonacci ( n ) : return a if n else b\nthe c of the a and b to\n" * 20)
     assert main(["freq-vocab", "--tokenizer", str(model_dir), "--corpus", str(corpus),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import word_tokenizer
 
 from cpmjax import errors
 from cpmjax.generate import tree as tree_lib
@@ -129,23 +130,8 @@ def test_selected_tree_is_closed_under_ancestors_on_random_pools():
 
 # ----------------------------------------------------------------------------------------------
 # FR-Spec
-def _word_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for word in "the of and to a in is it def return x y".split():
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.save_pretrained(path)
-    return fast
-
-
 def test_frequency_counting_and_ranking(tmp_path):
-    tok = _word_tokenizer(tmp_path / "tok")
+    tok = word_tokenizer(tmp_path / "tok", "the of and to a in is it def return x y")
     texts = ["the of the and the x\nreturn x x\n", "def y return the\n" * 3]
     files = []
     for i, text in enumerate(texts):

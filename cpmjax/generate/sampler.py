@@ -77,10 +77,9 @@ class SamplingConfig:
         return self.temperature <= 0.0
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """Sample token ids ``[b]`` from float32 ``logits [b, vocab]``."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filtered_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Temperature, top-k and top-p applied to float32 ``logits [..., vocab]`` (-inf outside the
+    kept set); what ``sample_logits`` samples from."""
     logits = logits / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
@@ -93,7 +92,15 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -
         keep = (cumulative - probs) < sampling.top_p
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Sample token ids ``[b]`` from float32 ``logits [b, vocab]``."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(
+        jnp.int32)
 
 
 def _bucket(n: int, minimum: int = 16) -> int:

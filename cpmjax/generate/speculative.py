@@ -56,6 +56,7 @@ from cpmjax.generate.sampler import (
     SamplingConfig,
     _bucket,
     _Compiled,
+    filtered_logits,
     prepare_prompts,
     sample_logits,
 )
@@ -322,23 +323,6 @@ def _commit(target: CausalLM, draft: EagleDraft, st: _Static, carry: dict,
         committed=carry["committed"] + cycle * (accept_len + 1),
         cycles=carry["cycles"] + cycle,
     )
-
-
-def filtered_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """Temperature, top-k and top-p applied to float32 ``logits [..., vocab]`` exactly as
-    ``sample_logits`` does before it samples (-inf outside the kept set)."""
-    logits = logits / sampling.temperature
-    if sampling.top_k and sampling.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        cumulative = jnp.cumsum(probs, axis=-1)
-        keep = (cumulative - probs) < sampling.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
 
 
 def sample_nodes(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
