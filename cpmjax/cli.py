@@ -71,20 +71,33 @@ def _run_generate(args) -> int:
         sys.stdout.flush()
         printed = text
 
+    speculative = None
+    if getattr(args, "spec", "none") != "none":  # flags added by cpmjax.generate.cli
+        from cpmjax.generate.cli import build_speculative
+
+        speculative = build_speculative(args, model)
     if not args.chat:
         sys.stdout.write(args.prompt)
     result = cpmjax.generate(
         model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed,
         stop_token_ids=() if args.no_stop else _stop_ids(model, tokenizer), stream=stream,
+        speculative=speculative,
     )
     final = tokenizer.decode(result.row(0), skip_special_tokens=True)
     sys.stdout.write(final[len(printed):] + "\n")
     sys.stdout.flush()
     s = result.stats
+    spec_stats = ""
+    if speculative is not None:
+        spec_stats = (
+            f"mean accepted length {s.mean_accepted_length:.2f} over {s.cycles} cycles; draft "
+            f"{s.draft_share:.0%} / verify {s.verify_share:.0%} of a cycle; "
+        )
     print(
-        f"[cpmjax] prompt {s.prompt_tokens} tok, prefill {s.prefill_tokens_per_second:.1f} tok/s; "
-        f"generated {s.new_tokens} tok, decode {s.decode_tokens_per_second:.1f} tok/s; "
+        f"[cpmjax] {'' if speculative is None else args.spec + ': '}prompt {s.prompt_tokens} "
+        f"tok, prefill {s.prefill_tokens_per_second:.1f} tok/s; generated {s.new_tokens} tok, "
+        f"decode {s.decode_tokens_per_second:.1f} tok/s; {spec_stats}"
         f"compile {s.compile_seconds:.1f} s",
         file=sys.stderr,
     )

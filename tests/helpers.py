@@ -159,3 +159,38 @@ def word_tokenizer(path, words: str = "def fibonacci ( n ) : return if else a b 
                                    eos_token="</s>")
     fast.save_pretrained(path)
     return fast
+
+
+def run_two_processes(script_text: str, out_path, timeout: int = 300) -> None:
+    """Run ``script_text`` as 2 jax.distributed processes (4 CPU devices each) on 127.0.0.1.
+
+    Each child gets ``argv = [port, process_id, out_path, tests_dir]``; both must exit 0."""
+    import socket
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.fspath(out_path)), "child.py")
+    with open(script, "w") as f:
+        f.write(script_text)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [
+        subprocess.Popen([sys.executable, script, str(port), str(pid), os.fspath(out_path), here],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for pid in (0, 1)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import run_two_processes
 from jax.sharding import AxisType, Mesh
 
 from sharding.burst import burst_attention
@@ -62,36 +59,9 @@ def loss_and_grads(mesh, q, k, v, ct, seg):
     return (out, *grads)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_simulated_devices(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
     out_path = tmp_path / "out.npz"
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
-    port = _free_port()
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(port), str(pid), str(out_path), here],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for pid in (0, 1)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+    run_two_processes(_CHILD, out_path, timeout=300)
     with np.load(out_path) as saved:
         distributed = [saved[f"arr_{i}"] for i in range(4)]
 

@@ -8,8 +8,8 @@
                         [--subset N] [--depth D] [--spec-top-k K] [--total-tokens T]
 
 ``register`` adds the first two and, when the ``generate`` subparser exists, its speculative
-flags (``add_generate_flags``); ``generate --spec eagle2|frspec`` then runs
-``run_speculative``. Without ``--draft`` the draft shipped beside the bundled model is used.
+flags (``add_generate_flags``); ``generate --spec eagle2|frspec`` then decodes with
+``build_speculative(args, model)``. Without ``--draft`` the draft shipped beside the bundled model is used.
 """
 
 from __future__ import annotations
@@ -61,15 +61,7 @@ def register(subparsers) -> None:
     generate = getattr(subparsers, "choices", {}).get("generate")
     if generate is not None and not any("--spec" in a.option_strings
                                         for a in generate._actions):
-        add_generate_flags(generate)
-        plain = generate.get_default("func")
-
-        def dispatch(args):
-            if getattr(args, "spec", "none") == "none":
-                return plain(args)
-            return run_speculative(args)
-
-        generate.set_defaults(func=dispatch)
+        add_generate_flags(generate)  # cpmjax.cli's generate reads them (build_speculative)
 
 
 def add_generate_flags(parser) -> None:
@@ -100,53 +92,6 @@ def build_speculative(args, model) -> Any:
     return Speculative(draft=draft, method=args.spec, vocab_subset=subset,
                        subset_size=subset_size, depth=args.depth, top_k=args.spec_top_k,
                        total_tokens=args.total_tokens, time_phases=True)
-
-
-def run_speculative(args, model=None, tokenizer=None, ids=None) -> int:
-    """``cpmjax generate --spec ...``: stream the text, then print speed and acceptance."""
-    import cpmjax
-    from cpmjax.cli import _stop_ids
-    from cpmjax.tokenizer import apply_chat_template, encode
-
-    path = args.model or cpmjax.default_model_path()
-    model = model or cpmjax.from_pretrained(path, dtype=args.dtype)
-    tokenizer = tokenizer or cpmjax.load_tokenizer(path)
-    if ids is None:
-        ids = apply_chat_template(tokenizer, args.prompt) if args.chat else encode(
-            tokenizer, args.prompt)
-    spec = build_speculative(args, model)
-    printed = ""
-
-    def stream(tokens):
-        nonlocal printed
-        text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
-
-    if not args.chat:
-        sys.stdout.write(args.prompt)
-    result = cpmjax.generate(
-        model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed,
-        stop_token_ids=() if args.no_stop else _stop_ids(model, tokenizer), stream=stream,
-        speculative=spec,
-    )
-    final = tokenizer.decode(result.row(0), skip_special_tokens=True)
-    sys.stdout.write(final[len(printed):] + "\n")
-    sys.stdout.flush()
-    s = result.stats
-    print(
-        f"[cpmjax] {args.spec}: prompt {s.prompt_tokens} tok, prefill "
-        f"{s.prefill_tokens_per_second:.1f} tok/s; generated {s.new_tokens} tok, decode "
-        f"{s.decode_tokens_per_second:.1f} tok/s; mean accepted length "
-        f"{s.mean_accepted_length:.2f} over {s.cycles} cycles; draft {s.draft_share:.0%} / "
-        f"verify {s.verify_share:.0%} of a cycle; compile {s.compile_seconds:.1f} s",
-        file=sys.stderr,
-    )
-    return 0
 
 
 def _run_freq_vocab(args) -> int:

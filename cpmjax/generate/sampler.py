@@ -146,6 +146,37 @@ def prepare_prompts(
     return padded.astype(np.int32), lengths
 
 
+def validate_request(
+    config: Any,
+    input_ids: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    pad_token_id: int | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Check a generation request before any compute; returns ``(tokens, lengths, pad_id)``
+    from ``prepare_prompts``. Raises typed errors naming the culprit."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or temperature < 0:
+        raise InputError(f"top_k and temperature must be >= 0, got {top_k}, {temperature}")
+    pad_id = 0 if pad_token_id is None else int(pad_token_id)
+    tokens, lengths = prepare_prompts(input_ids, config.vocab_size, pad_id)
+    longest = int(lengths.max())
+    if longest + max_new_tokens > config.max_position_embeddings:
+        worst = int(np.argmax(lengths))
+        raise PromptTooLongError(
+            f"prompt {worst} has {longest} tokens; with max_new_tokens={max_new_tokens} that is "
+            f"{longest + max_new_tokens} > max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
+    return tokens, lengths, pad_id
+
+
 class _Compiled:
     """Per-model cache of compiled prefill / decode executables."""
 
@@ -241,22 +272,11 @@ def generate(
             stream=stream, stream_every=stream_every,
         )
     config = model.config
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0.0 < top_p <= 1.0:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0 or temperature < 0:
-        raise InputError(f"top_k and temperature must be >= 0, got {top_k}, {temperature}")
-    pad_id = 0 if pad_token_id is None else int(pad_token_id)
-    tokens, lengths = prepare_prompts(input_ids, config.vocab_size, pad_id)
+    tokens, lengths, pad_id = validate_request(
+        config, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        pad_token_id=pad_token_id,
+    )
     longest = int(lengths.max())
-    if longest + max_new_tokens > config.max_position_embeddings:
-        worst = int(np.argmax(lengths))
-        raise PromptTooLongError(
-            f"prompt {worst} has {longest} tokens; with max_new_tokens={max_new_tokens} that is "
-            f"{longest + max_new_tokens} > max_position_embeddings="
-            f"{config.max_position_embeddings}"
-        )
     batch = tokens.shape[0]
     if prefill not in ("local", "full", "apb", "star", "ring"):
         raise ConfigError(f"prefill={prefill!r}; expected local, apb, star or ring")

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from cpmjax import ops
-from cpmjax.errors import ConfigError, InputError, PromptTooLongError
+from cpmjax.errors import ConfigError
 from cpmjax.generate import tree as tree_lib
 from cpmjax.generate.eagle import EagleDraft, check_compatible, load_draft
 from cpmjax.generate.frspec import draft_topk, head_flops, load_freq_vocab
@@ -57,8 +57,8 @@ from cpmjax.generate.sampler import (
     _bucket,
     _Compiled,
     filtered_logits,
-    prepare_prompts,
     sample_logits,
+    validate_request,
 )
 from cpmjax.models import CausalLM
 
@@ -461,23 +461,12 @@ def _generate(model, input_ids, max_new_tokens, speculative, *, temperature=0.0,
               stream_every=8):
     """``speculative_generate`` that also returns the final loop carry (caches included)."""
     config = model.config
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0.0 < top_p <= 1.0:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0 or temperature < 0:
-        raise InputError(f"top_k and temperature must be >= 0, got {top_k}, {temperature}")
+    tokens, lengths, pad_id = validate_request(
+        config, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        pad_token_id=pad_token_id,
+    )
     draft, subset = resolve(speculative, model)
-    pad_id = 0 if pad_token_id is None else int(pad_token_id)
-    tokens, lengths = prepare_prompts(input_ids, config.vocab_size, pad_id)
     longest = int(lengths.max())
-    if longest + max_new_tokens > config.max_position_embeddings:
-        worst = int(np.argmax(lengths))
-        raise PromptTooLongError(
-            f"prompt {worst} has {longest} tokens; with max_new_tokens={max_new_tokens} that is "
-            f"{longest + max_new_tokens} > max_position_embeddings="
-            f"{config.max_position_embeddings}"
-        )
     batch = tokens.shape[0]
     bucket = min(_bucket(longest), config.max_position_embeddings)
     padded = np.full((batch, bucket), pad_id, np.int32)
