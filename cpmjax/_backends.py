@@ -46,23 +46,11 @@ ops.register_attention_backend("blockwise", _blockwise)
 ops.register_attention_backend("pallas", _pallas)
 
 
-def _burst(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, sm_scale=None,
-           mesh=None, **options: Any) -> jax.Array:
-    """Sequence-parallel exact attention (BurstAttention ring) over ``mesh``; the sequence is
-    in the layout named by ``layout=`` (default ``"zigzag"``; ``"contiguous"`` for natural order)."""
-    from sharding.burst import burst_attention
+def _burst(q, k, v, **options: Any) -> jax.Array:
+    """Sequence-parallel exact attention (BurstAttention ring); see ``sharding.burst``."""
+    from sharding.burst import ops_backend
 
-    if mesh is None:
-        from cpmjax.errors import ConfigError
-
-        raise ConfigError("attention backend 'burst' needs mesh= (attention_backend('burst', "
-                          "mesh=mesh))")
-    if kv_segment_ids is not None and kv_segment_ids is not segment_ids:
-        from cpmjax.errors import ConfigError
-
-        raise ConfigError("attention backend 'burst' takes one segment_ids array for q and kv")
-    return burst_attention(q, k, v, mesh=mesh, causal=causal, segment_ids=segment_ids,
-                           sm_scale=sm_scale, **options)
+    return ops_backend(q, k, v, **options)
 
 
 def _apb(q, k, v, **options: Any) -> jax.Array:
