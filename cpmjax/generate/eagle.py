@@ -35,8 +35,7 @@ from safetensors.numpy import save_file
 from cpmjax.errors import CheckpointError, ConfigError, MissingPathError, ShapeMismatchError
 from cpmjax.models import CausalLM, ModelConfig
 from cpmjax.models.modules import RMSNorm, init_layer_cache, linear
-from cpmjax.models.rope import rotary_tables
-from cpmjax.models.transformer import DecoderLayer, _dtype
+from cpmjax.models.transformer import DecoderLayer, _dtype, run_layers
 
 DRAFT_WEIGHTS = "model.safetensors"
 
@@ -115,13 +114,11 @@ class EagleDraft(nnx.Module):
     ) -> tuple[jax.Array, list | None]:
         x = jnp.concatenate([features.astype(self.dtype), embeddings.astype(self.dtype)], -1)
         x = self.fc(x)
-        cos, sin = rotary_tables(self.config, positions, x.dtype)
-        x, layer_cache = self.layer(
-            x, cos, sin, positions=positions, segment_ids=segment_ids,
-            cache=None if cache is None else cache[0], attend_cache=attend_cache, mask=mask,
-            cache_slots=cache_slots,
+        x, new_cache = run_layers(
+            [self.layer], self.config, x, positions=positions, segment_ids=segment_ids,
+            cache=cache, attend_cache=attend_cache, mask=mask, cache_slots=cache_slots,
         )
-        return self.norm(x), (None if cache is None else [layer_cache])
+        return self.norm(x), new_cache
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list:
         dtype = self.dtype if dtype is None else _dtype(dtype)

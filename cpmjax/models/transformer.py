@@ -6,6 +6,7 @@ converter in ``cpmjax.hf`` is one generic rule set, and deltas address modules b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -73,6 +74,36 @@ class Decoder(nnx.Module):
              for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+
+def run_layers(
+    layers: Sequence[DecoderLayer],
+    config: ModelConfig,
+    x: jax.Array,
+    *,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+    attend_cache: bool = False,
+    mask: jax.Array | None = None,
+    rope_seq_len: jax.Array | int | None = None,
+    cache_slots: jax.Array | None = None,
+) -> tuple[jax.Array, Cache | None]:
+    """Run decoder ``layers`` over ``x [b, s, hidden]`` at ``positions [b, s]``: the rotary
+    tables once, then each layer with its slice of ``cache`` (one entry per layer). Returns the
+    un-normalised output and the updated cache (``None`` without a cache). The target model and
+    the EAGLE draft both run their layers through this."""
+    cos, sin = rotary_tables(config, positions, x.dtype, rope_seq_len)
+    new_cache = None if cache is None else []
+    for i, layer in enumerate(layers):
+        x, layer_cache = layer(
+            x, cos, sin, positions=positions, segment_ids=segment_ids,
+            cache=None if cache is None else cache[i], attend_cache=attend_cache, mask=mask,
+            cache_slots=cache_slots,
+        )
+        if cache is not None:
+            new_cache.append(layer_cache)
+    return x, new_cache
 
 
 class CausalLM(nnx.Module):
@@ -147,16 +178,11 @@ class CausalLM(nnx.Module):
         b, s = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        cos, sin = rotary_tables(self.config, positions, x.dtype, rope_seq_len)
-        new_cache = None if cache is None else []
-        for i, layer in enumerate(self.model.layers):
-            x, layer_cache = layer(
-                x, cos, sin, positions=positions, segment_ids=segment_ids,
-                cache=None if cache is None else cache[i], attend_cache=attend_cache, mask=mask,
-                cache_slots=cache_slots,
-            )
-            if cache is not None:
-                new_cache.append(layer_cache)
+        x, new_cache = run_layers(
+            self.model.layers, self.config, x, positions=positions, segment_ids=segment_ids,
+            cache=cache, attend_cache=attend_cache, mask=mask, rope_seq_len=rope_seq_len,
+            cache_slots=cache_slots,
+        )
         return self.model.norm(x), new_cache
 
     def __call__(
