@@ -222,10 +222,18 @@ def _decode_fn(graphdef, sampling, stop_ids, pad_id, state, carry, limit):
         if stop_ids is not None:
             done = done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
         pos = c["pos"]
-        logits, cache = model(token[:, None], positions=pos[:, None], cache=c["cache"],
-                              attend_cache=True)
+
+        def forward(_):
+            logits, cache = model(token[:, None], positions=pos[:, None], cache=c["cache"],
+                                  attend_cache=True)
+            return logits[:, 0].astype(c["logits"].dtype), cache
+
+        # The forward after the last token (or once every row stopped) would only produce
+        # logits nobody samples from: skip it.
+        last = (c["step"] + 1 >= c["out"].shape[1]) | jnp.all(done)
+        logits, cache = jax.lax.cond(last, lambda _: (c["logits"], c["cache"]), forward, None)
         return dict(c, key=key, out=out, lengths=lengths, done=done, pos=pos + 1,
-                    logits=logits[:, 0], cache=cache, step=c["step"] + 1)
+                    logits=logits, cache=cache, step=c["step"] + 1)
 
     return jax.lax.while_loop(cond, body, carry)
 
