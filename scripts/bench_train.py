@@ -107,6 +107,87 @@ def bench_torch(path: str, tokens: np.ndarray, repeats: int, warmup: int
     return times, first
 
 
+def _layer_linears(mc) -> list[tuple[int, int]]:
+    """``(in, out)`` of every linear layer in one decoder block."""
+    h, hd = mc.hidden_size, mc.hidden_size // mc.num_attention_heads
+    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, mc.intermediate_size),
+            (h, mc.intermediate_size), (mc.intermediate_size, h)]
+
+
+def step_gemms(mc, n_tokens: int) -> list[tuple[int, int, int, int]]:
+    """The matrix multiplies of one training step as ``(m, k, n, count)``: for every linear
+    layer ``in -> out`` over ``n_tokens`` rows, the forward ``[N,in]x[in,out]``, the input
+    gradient ``[N,out]x[out,in]`` and the weight gradient ``[in,N]x[N,out]``; the tied head
+    counts as one linear ``hidden -> vocab``. Attention's score matmuls (under 2% of the FLOPs
+    here) are left out, so a floor built from this list is an underestimate."""
+    h, layer = mc.hidden_size, _layer_linears(mc)
+    shapes: dict[tuple[int, int, int], int] = {}
+    for din, dout in layer * mc.num_hidden_layers + [(h, mc.vocab_size)]:
+        for shape in [(n_tokens, din, dout), (n_tokens, dout, din), (din, n_tokens, dout)]:
+            shapes[shape] = shapes.get(shape, 0) + 1
+    return [(m, k, n, c) for (m, k, n), c in shapes.items()]
+
+
+def step_floor(mc, n_tokens: int, repeats: int) -> dict:
+    """A lower bound on the step time of any implementation on this machine: every matmul of
+    one step timed alone (float32, same threads) in XLA and in torch, interleaved, the faster
+    of the two per shape summed; plus the memory traffic no implementation avoids (the
+    optimizer's passes over its state and three passes over the logits) at the measured copy
+    bandwidth. It leaves out attention, norms, activations and every other pass, so the true
+    floor is higher."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = np.random.default_rng(0)
+    dot = jax.jit(jnp.dot)
+    rows, floor, xla_sum, torch_sum = [], 0.0, 0.0, 0.0
+    for m, k, n, count in step_gemms(mc, n_tokens):
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        jax.block_until_ready(dot(ja, jb))
+        torch.mm(ta, tb)
+        tj, tt = [], []
+        for _ in range(repeats):  # interleaved, so both see the same machine load
+            t = time.perf_counter()
+            jax.block_until_ready(dot(ja, jb))
+            tj.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            torch.mm(ta, tb)
+            tt.append(time.perf_counter() - t)
+        mj, mt = statistics.median(tj), statistics.median(tt)
+        floor += count * min(mj, mt)
+        xla_sum += count * mj
+        torch_sum += count * mt
+        rows.append({"m": m, "k": k, "n": n, "count": count, "xla_s": mj, "torch_s": mt,
+                     "gflops_best": 2 * m * k * n / min(mj, mt) / 1e9})
+    # Memory floor: bytes no implementation can avoid moving, at this machine's copy bandwidth.
+    # AdamW reads params, grads, m, v and writes params, m, v (7 x 4 bytes per parameter); the
+    # [tokens, vocab] logits are written by the head GEMM, read by the softmax, which writes the
+    # logit gradient, and read again by the two backward GEMMs (at least 3 passes, and only if
+    # the softmax fuses into one). Measured as a fused read+write of a 256 MB float32 array.
+    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
+    scale = jax.jit(lambda a: a * 1.0001)
+    jax.block_until_ready(scale(x))
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(scale(x))
+        ts.append(time.perf_counter() - t)
+    bandwidth = 2 * x.size * 4 / statistics.median(ts)
+    n_params = (mc.hidden_size * mc.vocab_size
+                + mc.num_hidden_layers * sum(din * dout for din, dout in _layer_linears(mc)))
+    min_bytes = 7 * 4 * n_params + 3 * 4 * n_tokens * mc.vocab_size
+    memory_s = min_bytes / bandwidth
+    return {"floor_s": floor + memory_s, "gemm_floor_s": floor, "memory_floor_s": memory_s,
+            "bandwidth_bytes_per_s": bandwidth, "min_bytes": min_bytes,
+            "xla_gemms_s": xla_sum, "torch_gemms_s": torch_sum, "gemms": rows}
+
+
 def throughput(args, batch: int, seq: int) -> dict:
     from flax import nnx
 
@@ -140,9 +221,14 @@ def throughput(args, batch: int, seq: int) -> dict:
     torch_tps = rows[-1]["tokens_per_s"]
     for r in rows:
         r["ratio_vs_torch"] = r["tokens_per_s"] / torch_tps
+    floor = step_floor(mc, batch * seq, max(5, args.repeats))
+    torch_step = rows[-1]["median_step_s"]
+    floor["step_for_target_s"] = torch_step / 1.5
+    floor["max_ratio_vs_torch"] = torch_step / floor["floor_s"]
     return {"config": {**TINY, "batch": batch, "seq_len": seq, "dtype": "float32",
                        "threads": os.cpu_count(), "repeats": args.repeats},
-            "matmul_peak_flops": peak, "flops_per_token": flops_tok, "rows": rows}
+            "matmul_peak_flops": peak, "flops_per_token": flops_tok, "rows": rows,
+            "step_floor": floor}
 
 
 def schedules(args, out_dir: str) -> dict:
@@ -264,6 +350,14 @@ def main() -> int:
                 print(f"{r['impl']:32s} {r['median_step_s']:8.3f} {r['tokens_per_s']:9.1f} "
                       f"{100 * r['mfu']:6.1f}% {r['ratio_vs_torch']:8.2f}x "
                       f"{r['first_loss']:11.5f}")
+            g = t["step_floor"]
+            print(f"Step floor: GEMMs alone (the faster of XLA/torch per shape) "
+                  f"{g['gemm_floor_s']:.3f} s (XLA's {g['xla_gemms_s']:.3f} s, torch's "
+                  f"{g['torch_gemms_s']:.3f} s) + unavoidable memory traffic "
+                  f"{g['min_bytes'] / 1e6:.0f} MB at {g['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+                  f"= {g['memory_floor_s']:.3f} s; 1.5x torch needs a step of "
+                  f"{g['step_for_target_s']:.3f} s; no implementation built on these GEMMs can "
+                  f"exceed {g['max_ratio_vs_torch']:.2f}x torch")
             sys.stdout.flush()
     if not args.skip_schedules:
         report["schedules"] = schedules(args, args.out)
