@@ -1,7 +1,9 @@
 """Pallas kernels and their references: arrays in, arrays out (nothing here knows of models).
 
-- :func:`flash_attention` (Pallas, forward + backward, log-sum-exp), :func:`blockwise_attention`
-  (the same algorithm in ``lax``, the CPU path) and :func:`attention_reference`.
+- :func:`flash_attention` (Pallas, forward + backward, log-sum-exp; Mosaic GPU kernels for
+  Hopper in ``flash_attention_mosaic_gpu``, portable kernels for TPU and the CPU interpreter),
+  :func:`blockwise_attention` (the same algorithm in ``lax``, the CPU path) and
+  :func:`attention_reference`.
 - :func:`fr_lm_head` (Pallas), :func:`fr_lm_head_blockwise` (``lax``) and
   :func:`fr_lm_head_reference`: top-k log-probs over a frequency-ranked vocabulary subset.
 """

@@ -6,7 +6,10 @@ k ``[batch, kv_len, kv_heads, qk_dim]``, v ``[batch, kv_len, kv_heads, v_dim]`` 
 
 - :func:`flash_attention`: Pallas kernels (forward with an online softmax that also emits the
   log-sum-exp; backward as a dq kernel and a dk/dv kernel that recompute the probabilities from
-  the saved log-sum-exp), tied together with ``jax.custom_vjp``. Interpreted on CPU.
+  the saved log-sum-exp), tied together with ``jax.custom_vjp``. Two kernel sets: the Hopper
+  kernels for Pallas's Mosaic GPU backend in :mod:`pallas_kernels.flash_attention_mosaic_gpu`
+  (the default on GPU) and the portable kernels below (lowered by Mosaic TPU; interpreted on
+  CPU).
 - :func:`blockwise_attention`: the same algorithm in plain ``lax`` loops over query and key
   blocks (O(seq) memory forward and backward, causal blocks above the diagonal skipped). This
   is the fast path on CPU.
@@ -26,7 +29,9 @@ Conventions shared by all three:
 - The log-sum-exp is returned as float32 ``[batch, q_heads, q_len]`` of the *scaled* scores
   (``log sum_j exp(sm_scale * q.k_j)``), which is what merging partial attentions needs.
 - Softmax statistics and accumulators are float32 whatever the input dtype; matmuls take the
-  input dtype (bfloat16 stays bfloat16 on the MXU/tensor cores) with float32 accumulation.
+  input dtype (bfloat16 stays bfloat16 on the MXU/tensor cores) with float32 accumulation. On
+  GPU, float32 inputs run the ``lax`` blockwise path (Hopper has no full-precision float32
+  tensor-core matmul).
 """
 
 from __future__ import annotations
@@ -114,6 +119,27 @@ def _split_segment_ids(
 
 def _scale(sm_scale: float | None, qk_dim: int) -> float:
     return float(qk_dim) ** -0.5 if sm_scale is None else float(sm_scale)
+
+
+def _validate(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: SegmentIds,
+    sm_scale: float | None,
+    block_q: int,
+    block_k: int,
+) -> tuple[tuple[jax.Array, jax.Array] | None, float]:
+    """Argument checks shared by the blockwise and the kernel entry points.
+
+    Returns ``(segs, scale)``: ``segs`` is ``None`` or ``(q_segment_ids [batch, q_len],
+    kv_segment_ids [batch, kv_len])`` int32, ``scale`` the resolved softmax scale."""
+    batch, q_len, _, qk_dim, kv_len, _, _ = _check_qkv(q, k, v)
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    q_seg, kv_seg = _split_segment_ids(segment_ids, batch, q_len, kv_len)
+    segs = None if q_seg is None else (q_seg, kv_seg)
+    return segs, _scale(sm_scale, qk_dim)
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
@@ -426,27 +452,18 @@ def blockwise_attention(
     with ``causal`` the key blocks above the diagonal are skipped. ``block_q`` defaults to
     ``block_k``. Masks and conventions as in the module docstring.
     """
-    batch, q_len, _, qk_dim, kv_len, _, _ = _check_qkv(q, k, v)
-    q_seg, kv_seg = _split_segment_ids(segment_ids, batch, q_len, kv_len)
-    segs = None if q_seg is None else (q_seg, kv_seg)
     block_q = block_k if block_q is None else block_q
+    segs, scale = _validate(q, k, v, segment_ids, sm_scale, block_q, block_k)
     out, lse = _blockwise_core(
-        q, k, v, segs, jnp.asarray(q_offset, jnp.int32), bool(causal),
-        _scale(sm_scale, qk_dim), int(block_q), int(block_k),
+        q, k, v, segs, jnp.asarray(q_offset, jnp.int32), bool(causal), scale, int(block_q),
+        int(block_k),
     )
     return (out, lse) if return_lse else out
 
 
-# ----------------------------------------------------------------------------- Pallas kernels
-
-
-def _compiler_params(interpret: bool) -> Any:
-    """Select the Triton lowering on GPU (the kernels use its one-program-per-tile model)."""
-    if interpret or jax.default_backend() != "gpu":
-        return None
-    from jax.experimental.pallas import triton as pallas_triton
-
-    return pallas_triton.CompilerParams(num_warps=4, num_stages=2)
+# ----------------------------------------------------------------------------- portable kernels
+# One program per (batch, head, tile) that loops over the other sequence, slicing a whole-
+# sequence ref: lowered by Mosaic TPU, run by the Pallas interpreter on CPU.
 
 
 def _load_offset(offset_ref):
@@ -648,27 +665,7 @@ def _pallas_prepare(q, k, v, segs, block_q, block_k):
     return seg_args, dims
 
 
-def _pad_head_dims(interpret: bool, *arrays: jax.Array) -> list[jax.Array]:
-    """The Triton lowering needs power-of-2 tiles: zero-pad head dims there (MLA's 192).
-
-    Zero columns change neither q.k nor the kept columns of p @ v."""
-    if _compiler_params(interpret) is None:
-        return list(arrays)
-    return [_pad_axis(x, 3, pl.next_power_of_2(x.shape[3])) for x in arrays]
-
-
 def _flash_fwd_pallas(q, k, v, segs, q_offset, *, causal, scale, block_q, block_k, interpret):
-    v_dim = v.shape[3]
-    q, k, v = _pad_head_dims(interpret, q, k, v)
-    out, lse = _flash_fwd_pallas_padded(
-        q, k, v, segs, q_offset, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-        interpret=interpret,
-    )
-    return out[..., :v_dim], lse
-
-
-def _flash_fwd_pallas_padded(q, k, v, segs, q_offset, *, causal, scale, block_q, block_k,
-                             interpret):
     seg_args, d = _pallas_prepare(q, k, v, segs, block_q, block_k)
     bq, bk, groups = d["block_q"], d["block_k"], d["groups"]
     qh = _to_heads_major(q, d["q_pad"])
@@ -704,7 +701,6 @@ def _flash_fwd_pallas_padded(q, k, v, segs, q_offset, *, causal, scale, block_q,
             jax.ShapeDtypeStruct((d["batch"], d["q_heads"], d["q_pad"], 1), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
         name="flash_attention_fwd",
     )(offset, qh, kh, vh, *seg_args)
     out = out[:, :, : d["q_len"]].transpose(0, 2, 1, 3)
@@ -713,17 +709,6 @@ def _flash_fwd_pallas_padded(q, k, v, segs, q_offset, *, causal, scale, block_q,
 
 def _flash_bwd_pallas(q, k, v, segs, q_offset, out, lse, d_out, d_lse, *, causal, scale,
                       block_q, block_k, interpret):
-    qk_dim, v_dim = q.shape[3], v.shape[3]
-    q, k, v, out, d_out = _pad_head_dims(interpret, q, k, v, out, d_out)
-    dq, dk, dv = _flash_bwd_pallas_padded(
-        q, k, v, segs, q_offset, out, lse, d_out, d_lse, causal=causal, scale=scale,
-        block_q=block_q, block_k=block_k, interpret=interpret,
-    )
-    return dq[..., :qk_dim], dk[..., :qk_dim], dv[..., :v_dim]
-
-
-def _flash_bwd_pallas_padded(q, k, v, segs, q_offset, out, lse, d_out, d_lse, *, causal, scale,
-                             block_q, block_k, interpret):
     seg_args, d = _pallas_prepare(q, k, v, segs, block_q, block_k)
     bq, bk, groups = d["block_q"], d["block_k"], d["groups"]
     q_pad, k_pad = d["q_pad"], d["k_pad"]
@@ -763,7 +748,6 @@ def _flash_bwd_pallas_padded(q, k, v, segs, q_offset, out, lse, d_out, d_lse, *,
         out_specs=pl.BlockSpec((None, None, bq, qk_dim), lambda b, h, i: (b, h, i, 0)),
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
         name="flash_attention_dq",
     )(offset, qh, kh, vh, doh, lse_h, delta_h, *seg_args)
 
@@ -795,7 +779,6 @@ def _flash_bwd_pallas_padded(q, k, v, segs, q_offset, out, lse, d_out, d_lse, *,
             jax.ShapeDtypeStruct(vh.shape, v.dtype),
         ],
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
         name="flash_attention_dkv",
     )(offset, qh, kh, vh, doh, lse_h, delta_h, *seg_args)
 
@@ -805,30 +788,81 @@ def _flash_bwd_pallas_padded(q, k, v, segs, q_offset, out, lse, d_out, d_lse, *,
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _flash_core(q, k, v, segs, q_offset, causal, scale, block_q, block_k, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _flash_core(q, k, v, segs, q_offset, causal, scale, block_q, block_k, interpret, kernel):
+    return _flash_forward(q, k, v, segs, q_offset, causal, scale, block_q, block_k, interpret,
+                          kernel)
+
+
+def _flash_forward(q, k, v, segs, q_offset, causal, scale, block_q, block_k, interpret, kernel):
+    if kernel == "mosaic_gpu":
+        from pallas_kernels import flash_attention_mosaic_gpu as mgpu
+
+        return mgpu.attention_forward(
+            q, k, v, segs, q_offset, causal=causal, scale=scale,
+            block_k=mgpu.forward_block_k(q, k, v, block_k), interpret=interpret,
+        )
     return _flash_fwd_pallas(
         q, k, v, segs, q_offset, causal=causal, scale=scale, block_q=block_q,
         block_k=block_k, interpret=interpret,
     )
 
 
-def _flash_core_fwd(q, k, v, segs, q_offset, causal, scale, block_q, block_k, interpret):
-    out, lse = _flash_core(q, k, v, segs, q_offset, causal, scale, block_q, block_k, interpret)
+def _flash_core_fwd(q, k, v, segs, q_offset, causal, scale, block_q, block_k, interpret, kernel):
+    out, lse = _flash_forward(q, k, v, segs, q_offset, causal, scale, block_q, block_k,
+                              interpret, kernel)
     return (out, lse), (q, k, v, segs, q_offset, out, lse)
 
 
-def _flash_core_bwd(causal, scale, block_q, block_k, interpret, residuals, cotangents):
+def _flash_core_bwd(causal, scale, block_q, block_k, interpret, kernel, residuals, cotangents):
     q, k, v, segs, q_offset, out, lse = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv = _flash_bwd_pallas(
-        q, k, v, segs, q_offset, out, lse, d_out, d_lse, causal=causal, scale=scale,
-        block_q=block_q, block_k=block_k, interpret=interpret,
-    )
+    if kernel == "mosaic_gpu":
+        from pallas_kernels import flash_attention_mosaic_gpu as mgpu
+
+        dq, dk, dv = mgpu.attention_backward(
+            q, k, v, segs, q_offset, out, lse, d_out, d_lse, causal=causal, scale=scale,
+            interpret=interpret,
+        )
+    else:
+        dq, dk, dv = _flash_bwd_pallas(
+            q, k, v, segs, q_offset, out, lse, d_out, d_lse, causal=causal, scale=scale,
+            block_q=block_q, block_k=block_k, interpret=interpret,
+        )
     return dq, dk, dv, _zero_cotangent(segs), _zero_cotangent(q_offset)
 
 
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
+
+KERNELS = ("auto", "portable", "mosaic_gpu")
+
+
+def _cuda_hopper_or_newer() -> bool:
+    """True when the default device is an NVIDIA GPU of compute capability >= 9.0 (wgmma/TMA)."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return capability is not None and float(capability) >= 9.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _select_kernel(kernel: str, dtypes: tuple[Any, ...], interpret: bool) -> str:
+    """Resolve ``kernel``: "portable" (TPU Mosaic, CPU interpreter), "mosaic_gpu" (Hopper), or
+    "blockwise" (the lax path: the Mosaic GPU choice for inputs that are not all bfloat16 or
+    all float16, see flash_attention)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        if jax.default_backend() != "gpu" or interpret:
+            kernel = "portable"
+        elif _cuda_hopper_or_newer():
+            kernel = "mosaic_gpu"
+        else:  # pre-Hopper NVIDIA or a ROCm GPU: no Mosaic GPU kernels there
+            return "blockwise"
+    half = {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}
+    if kernel == "mosaic_gpu" and not (len(set(dtypes)) == 1 and jnp.dtype(dtypes[0]) in half):
+        return "blockwise"
+    return kernel
 
 
 def flash_attention(
@@ -844,6 +878,7 @@ def flash_attention(
     block_k: int = 128,
     return_lse: bool = False,
     interpret: bool | None = None,
+    kernel: str = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flash attention as Pallas kernels, differentiable through ``jax.custom_vjp``.
 
@@ -855,22 +890,36 @@ def flash_attention(
       sm_scale: score scale; default ``qk_dim ** -0.5``.
       segment_ids: ``[batch, seq]`` ints, or ``(q_segment_ids, kv_segment_ids)``.
       q_offset: position of query 0 (int or traced int32 scalar).
-      block_q, block_k: tile sizes (clipped to the padded sequence lengths). Lengths need not
-        be multiples: tails are padded and masked.
+      block_q, block_k: tile sizes of the portable kernels (clipped to the padded sequence
+        lengths). Lengths need not be multiples: tails are padded and masked. The Mosaic GPU
+        kernels use 64-row query tiles and 64- or 128-column key tiles (128 when
+        ``block_k >= 128`` and the head dims are <= 128).
       return_lse: also return the float32 log-sum-exp ``[batch, q_heads, q_len]``.
-      interpret: run the kernels in the Pallas interpreter; ``None`` = on CPU only.
+      interpret: run the kernels in a Pallas interpreter; ``None`` = on CPU only.
+      kernel: ``"auto"`` (Mosaic GPU kernels on an NVIDIA GPU of compute capability >= 9.0,
+        the lax blockwise path on other GPUs, the portable kernels elsewhere),
+        ``"portable"`` (one kernel pair for TPU, lowered by Mosaic TPU, and the CPU
+        interpreter) or ``"mosaic_gpu"`` (Hopper kernels; with ``interpret`` they run in Pallas's
+        Mosaic GPU interpreter). The Mosaic GPU kernels take q, k, v all bfloat16 or all
+        float16: Hopper's tensor cores have no full-precision float32 matmul, so float32 (or
+        mixed) inputs on that path run the ``lax`` blockwise algorithm
+        (:func:`blockwise_attention`) instead, exactly.
 
     Returns:
       ``o [batch, q_len, q_heads, v_dim]`` in q's dtype, and ``lse`` when ``return_lse``.
       Rows that see no key give ``o = 0`` and ``lse = -inf``.
     """
-    batch, q_len, _, qk_dim, kv_len, _, _ = _check_qkv(q, k, v)
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
-    q_seg, kv_seg = _split_segment_ids(segment_ids, batch, q_len, kv_len)
-    segs = None if q_seg is None else (q_seg, kv_seg)
-    out, lse = _flash_core(
-        q, k, v, segs, jnp.asarray(q_offset, jnp.int32), bool(causal),
-        _scale(sm_scale, qk_dim), int(block_q), int(block_k), _default_interpret(interpret),
-    )
+    segs, scale = _validate(q, k, v, segment_ids, sm_scale, block_q, block_k)
+    interpret = _default_interpret(interpret)
+    kernel = _select_kernel(kernel, (q.dtype, k.dtype, v.dtype), interpret)
+    offset = jnp.asarray(q_offset, jnp.int32)
+    if kernel == "blockwise":
+        out, lse = _blockwise_core(
+            q, k, v, segs, offset, bool(causal), scale, int(block_q), int(block_k)
+        )
+    else:
+        out, lse = _flash_core(
+            q, k, v, segs, offset, bool(causal), scale, int(block_q), int(block_k), interpret,
+            kernel,
+        )
     return (out, lse) if return_lse else out

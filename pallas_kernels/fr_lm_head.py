@@ -15,7 +15,9 @@ Three implementations:
 - :func:`fr_lm_head`: a Pallas kernel. Each program takes a block of tokens and walks the
   (gathered, contiguous) subset weight in vocabulary tiles, keeping a running top-k (merged by
   ``top_k`` rounds of max-selection) and a running log-sum-exp; the ``[tokens, subset]`` logits
-  are never written to memory.
+  are never written to memory. It lowers through Mosaic TPU and runs interpreted on CPU. There
+  is no Mosaic GPU version yet: on a GPU (``interpret`` False) ``fr_lm_head`` runs
+  :func:`fr_lm_head_blockwise`, which XLA compiles for the GPU.
 - :func:`fr_lm_head_blockwise`: the same walk as a ``lax.scan`` over tiles with ``lax.top_k``
   merges; the fast path on CPU.
 - :func:`fr_lm_head_reference`: full logits, ``log_softmax``, ``lax.top_k``.
@@ -29,7 +31,6 @@ with ``subset_ids[top_ids]`` itself.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -162,18 +163,9 @@ def fr_lm_head_blockwise(
     return _finish(positions, values, lse, subset_ids, lead, top_k)
 
 
-def _compiler_params(interpret: bool) -> Any:
-    """Select the Triton lowering on GPU (one program per token block, loop over tiles)."""
-    if interpret or jax.default_backend() != "gpu":
-        return None
-    from jax.experimental.pallas import triton as pallas_triton
-
-    return pallas_triton.CompilerParams(num_warps=4, num_stages=2)
-
-
 def _hidden_chunk(dim: int) -> int:
-    """Power-of-2 chunk of the hidden dim for the in-kernel matmuls (Triton needs powers of 2):
-    the largest of 512..64 dividing ``dim`` (2304 -> 256), else ``dim`` padded to a power of 2
+    """Chunk of the hidden dim for the in-kernel matmuls (bounds the live tile size): the
+    largest of 512..64 dividing ``dim`` (2304 -> 256), else ``dim`` padded to a power of 2
     (small dims) or to a multiple of 128."""
     for chunk in (512, 256, 128, 64):
         if dim % chunk == 0:
@@ -274,13 +266,20 @@ def fr_lm_head(
       block_v: vocabulary tile (rows of the subset weight per step); the subset need not be a
         multiple: the tail tile is masked.
       block_t: tokens per program.
-      interpret: run in the Pallas interpreter; ``None`` = on CPU only.
+      interpret: run in the Pallas interpreter; ``None`` = on CPU only. On a GPU without
+        ``interpret`` this runs :func:`fr_lm_head_blockwise` (tiles of at least 4096 rows).
 
     Returns:
       ``(top_ids [..., top_k] int32, top_logprobs [..., top_k] float32)``, best first.
     """
-    flat, sub_weight, lead = _prepare(hidden, weight, subset_ids, top_k)
     interpret = _default_interpret(interpret)
+    if not interpret and jax.default_backend() == "gpu":
+        # No Mosaic GPU version of this kernel yet: on GPU the lax walk (XLA-compiled, one
+        # [tokens, block_v] logits tile live at a time) is the implementation.
+        return fr_lm_head_blockwise(
+            hidden, weight, subset_ids, top_k=top_k, block_v=max(block_v, 4096)
+        )
+    flat, sub_weight, lead = _prepare(hidden, weight, subset_ids, top_k)
     tokens, dim = flat.shape
     subset = sub_weight.shape[0]
     block_v = max(8, min(block_v, pl.next_power_of_2(subset)))
@@ -313,7 +312,6 @@ def fr_lm_head(
             jax.ShapeDtypeStruct((tokens_pad, 1), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
         name="fr_lm_head",
     )(flat_p, weight_p)
     return _finish(

@@ -6,8 +6,6 @@ within 1e-5; subsets are not multiples of the tile and top_k goes up to 64.
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,26 +128,15 @@ def test_input_errors():
         fr_lm_head_blockwise(hidden, weight[:, :4], top_k=2)
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_kernel_lowers_for_accelerators(platform, monkeypatch):
-    """Lowers through Mosaic (TPU) / Triton (GPU) on this CPU machine (no device compile):
-    hidden 2304 (MiniCPM) runs as power-of-2 chunks, the subset is not a tile multiple."""
-    module = sys.modules["pallas_kernels.fr_lm_head"]
-    if platform == "cuda":
-        from jax.experimental.pallas import triton as pallas_triton
-
-        monkeypatch.setattr(
-            module, "_compiler_params", lambda interpret: pallas_triton.CompilerParams()
-        )
+def test_kernel_lowers_for_tpu():
+    """Lowers through Mosaic TPU on this CPU machine (no device compile): hidden 2304
+    (MiniCPM) runs as chunks of 256, the subset is not a tile multiple. (On GPU fr_lm_head
+    runs the lax walk, see the module docstring.)"""
     spec = jax.ShapeDtypeStruct
     args = (spec((20, 2304), jnp.bfloat16), spec((8192, 2304), jnp.bfloat16),
             spec((1000,), jnp.int32))
-    checks = [
-        jax.export.DisabledSafetyCheck.custom_call(name)
-        for name in ("triton_kernel_call", "__gpu$xla.gpu.triton")
-    ]
     exported = jax.export.export(
         jax.jit(lambda h, w, s: fr_lm_head(h, w, s, top_k=64, interpret=False)),
-        platforms=[platform], disabled_checks=checks,
+        platforms=["tpu"],
     )(*args)
-    assert ("tpu_custom_call" if platform == "tpu" else "triton") in exported.mlir_module()
+    assert "tpu_custom_call" in exported.mlir_module()
