@@ -13,11 +13,17 @@ For each sequence length and implementation, compiles the forward and the forwar
 - memory from ``compiled.memory_analysis()`` (temporaries + arguments + outputs);
 - wall time (median of ``--repeats`` runs) for the lengths in ``--time-lengths``.
 
+``--wall`` measures wall time alone, burst vs ring vs all-gather round robin, for a
+multi-head (4 heads) and a grouped-query (4 query heads, 1 kv head) config: the forward at every
+``--lengths`` and forward+backward at ``--fwd-bwd-lengths``; it adds a ``"wall"`` entry to the
+JSON and keeps the rest.
+
 The 8 "devices" share this machine's CPU cores, so wall time measures the compute schedule and
 memory traffic, not a network; the bytes are what a real ring would move.
 
     python scripts/bench_burst.py                       # defaults below, a few minutes
     python scripts/bench_burst.py --lengths 8192 --time-lengths 8192 --repeats 1
+    python scripts/bench_burst.py --wall                # wall time 8k-64k, MHA and GQA
 
 Writes docs/benchmarks/burst.json.
 """
@@ -141,6 +147,82 @@ def bench_case(mesh, seq, q_heads, kv_heads, dim, impl, timed, repeats):
     return row
 
 
+WALL_CONFIGS = {"mha": (4, 4), "gqa": (4, 1)}  # name: (q_heads, kv_heads)
+WALL_IMPLS = ("burst", "ring", "allgather")
+
+
+def wall_times(mesh, seq, q_heads, kv_heads, dim, label, repeats, warmup=True):
+    """Median wall seconds of ``label`` ("fwd" or "fwd_bwd") for each impl, measured side by
+    side: after one warm-up call each (``warmup``), the impls run in turn ``repeats`` times
+    (round robin), so a load change on the shared machine hits all of them alike."""
+    shapes = [(1, seq, q_heads, dim), (1, seq, kv_heads, dim), (1, seq, kv_heads, dim),
+              (1, seq, q_heads, dim)]
+    sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+    rng = np.random.default_rng(0)
+    arrays = [jax.device_put(rng.normal(size=s).astype(np.float32), sharding) for s in shapes]
+    compiled = {}
+    for impl in WALL_IMPLS:
+        def forward(q, k, v, ct, impl=impl):
+            return burst_attention(q, k, v, mesh=mesh, impl=impl)
+
+        def forward_backward(q, k, v, ct, forward=forward):
+            return jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v, ct) * ct),
+                            argnums=(0, 1, 2))(q, k, v)
+
+        fn = forward if label == "fwd" else forward_backward
+        compiled[impl] = jax.jit(fn).lower(*arrays).compile()
+        if warmup:
+            jax.block_until_ready(compiled[impl](*arrays))
+    times: dict[str, list[float]] = {impl: [] for impl in WALL_IMPLS}
+    for _ in range(repeats):
+        for impl in WALL_IMPLS:
+            start = time.perf_counter()
+            jax.block_until_ready(compiled[impl](*arrays))
+            times[impl].append(time.perf_counter() - start)
+    return {impl: statistics.median(t) for impl, t in times.items()}, times
+
+
+def wall_main(args) -> None:
+    """``--wall``: wall time only, written under the ``"wall"`` key of the JSON (the byte,
+    FLOP and memory rows already there are kept, and so are wall rows of other cases)."""
+    mesh = Mesh(np.array(jax.devices()), ("sequence",), axis_types=(AxisType.Auto,))
+    out_path = Path(args.out)
+    data = json.loads(out_path.read_text()) if out_path.exists() else {}
+    wall = {"setup": {"devices": 8, "batch": 1, "dim": args.dim, "dtype": "float32",
+                      "causal": True, "layout": "zigzag", "repeats": args.repeats,
+                      "warmup_max_len": args.warmup_max_len,
+                      "configs": {k: list(v) for k, v in WALL_CONFIGS.items()},
+                      "cpu_count": os.cpu_count(), "platform": jax.default_backend()},
+            "rows": list(data.get("wall", {}).get("rows", []))}
+    print(f"wall time, 8 simulated CPU devices on {os.cpu_count()} cores, batch 1, dim "
+          f"{args.dim}, float32, causal, zigzag; median of {args.repeats} (round robin)")
+    print(f"{'config':>6} {'seq':>6} {'pass':>7} | {'burst s':>8} {'ring s':>8} "
+          f"{'allgath s':>9} | {'burst/ring':>10} {'load':>5}")
+    for name in args.wall_configs:
+        q_heads, kv_heads = WALL_CONFIGS[name]
+        for seq in args.lengths:
+            labels = ["fwd"] + (["fwd_bwd"] if seq in args.fwd_bwd_lengths else [])
+            for label in labels:
+                medians, raw = wall_times(mesh, seq, q_heads, kv_heads, args.dim, label,
+                                          args.repeats, warmup=seq <= args.warmup_max_len)
+                load = os.getloadavg()[0]
+                row = {"config": name, "q_heads": q_heads, "kv_heads": kv_heads, "seq": seq,
+                       "pass": label, "repeats": args.repeats,
+                       "warmup": seq <= args.warmup_max_len, "seconds": medians,
+                       "all_seconds": raw,
+                       "burst_over_ring": medians["burst"] / medians["ring"],
+                       "load_average": load}
+                wall["rows"] = [r for r in wall["rows"]
+                                if (r["config"], r["seq"], r["pass"]) != (name, seq, label)]
+                wall["rows"].append(row)
+                print(f"{name:>6} {seq:>6} {label:>7} | {medians['burst']:8.2f} "
+                      f"{medians['ring']:8.2f} {medians['allgather']:9.2f} | "
+                      f"{row['burst_over_ring']:10.3f} {load:5.1f}", flush=True)
+                data["wall"] = wall
+                out_path.write_text(json.dumps(data, indent=1))  # keep partial results
+    print(f"\nwrote {out_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
@@ -149,7 +231,20 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "burst.json"))
+    parser.add_argument("--wall", action="store_true",
+                        help="only wall time of burst/ring/allgather per --wall-configs")
+    parser.add_argument("--wall-configs", nargs="+", default=list(WALL_CONFIGS),
+                        choices=list(WALL_CONFIGS))
+    parser.add_argument("--fwd-bwd-lengths", type=int, nargs="+",
+                        default=[8192, 16384, 32768],
+                        help="with --wall: lengths that also time forward+backward")
+    parser.add_argument("--warmup-max-len", type=int, default=16384,
+                        help="with --wall: no warm-up call above this length (a run is long "
+                             "enough that first-call costs vanish in it)")
     args = parser.parse_args()
+    if args.wall:
+        wall_main(args)
+        return
 
     mesh = Mesh(np.array(jax.devices()), ("sequence",), axis_types=(AxisType.Auto,))
     rows = []

@@ -264,32 +264,17 @@ def test_user_errors_are_typed():
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.fixture
-def burst_backend():
-    """Register the 'burst' attention backend for the test (restoring what was there)."""
-    from cpmjax import ops
-    from sharding.burst import ops_backend
-
-    ops._load_builtin_backends()
-    previous = ops._REGISTRY.get("burst")
-    ops.register_attention_backend("burst", ops_backend)
-    yield ops
-    if previous is None:
-        ops._REGISTRY.pop("burst", None)
-    else:
-        ops._REGISTRY["burst"] = previous
-
-
-def test_train_step_with_sequence_parallelism_equals_single_device(burst_backend):
-    """MiniCPM (GQA, packed documents) on a (data=2, sequence=4) mesh: the zigzag-laid-out
-    batch through the burst backend gives the single-device loss and gradients, and a full
-    optimizer step gives the same loss."""
+def test_train_step_with_sequence_parallelism_equals_single_device():
+    """MiniCPM (GQA, packed documents) on a (data=2, sequence=4) mesh: the batch laid out by
+    ``SequenceParallel.shard_batch`` through the step wrapped by ``SequenceParallel.wrap`` (the
+    'burst' backend) gives the single-device loss and gradients, and a full optimizer step gives
+    the same loss."""
     from flax import nnx
 
     from cpmjax.models import CausalLM, ModelConfig
     from cpmjax.train.data import pack_rows
-    from cpmjax.train.loop import loss_fn, make_train_step
-    from sharding.mesh import batch_sharding, make_mesh, shard_model
+    from cpmjax.train.loop import SequenceParallel, loss_fn, make_train_step
+    from sharding.mesh import make_mesh, shard_model
 
     hf = dict(model_type="minicpm", vocab_size=64, hidden_size=32, intermediate_size=64,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -303,11 +288,14 @@ def test_train_step_with_sequence_parallelism_equals_single_device(burst_backend
     def run(mesh):
         model = CausalLM(ModelConfig.from_hf_dict(hf), rngs=nnx.Rngs(0))
         feed = {k: jnp.asarray(v) for k, v in batch.items()}
+        parallel = None
         if mesh is not None:
             shard_model(model, mesh)
-            shards = mesh.shape["sequence"]
-            feed = {k: jax.device_put(to_layout(v, shards), batch_sharding(mesh, sequence=True))
-                    for k, v in feed.items()}
+            parallel = SequenceParallel(mesh, impl="burst")
+            feed = parallel.shard_batch(batch)
+            assert feed["input_ids"].sharding.spec[1] == "sequence"
+            np.testing.assert_array_equal(np.asarray(feed["positions"]),
+                                          to_layout(batch["positions"], 4))
         opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
         graphdef, state = nnx.split((model, opt))
         step = make_train_step(graphdef, nnx.Param, chunk=8)
@@ -322,11 +310,11 @@ def test_train_step_with_sequence_parallelism_equals_single_device(burst_backend
             state, _ = step(state, feed)
             return loss, g, grads(state, feed)[0]
 
-        if mesh is None:
+        if parallel is None:
             return jax.jit(both)(state, feed)
-        with burst_backend.attention_backend("burst", mesh=mesh, impl="burst"):
-            assert "ppermute" in str(jax.make_jaxpr(both)(state, feed))  # the ring ran
-            return jax.jit(both)(state, feed)
+        both = parallel.wrap(both)
+        assert "ppermute" in str(jax.make_jaxpr(both)(state, feed))  # the ring ran
+        return jax.jit(both)(state, feed)
 
     loss1, grads1, next1 = run(None)
     loss8, grads8, next8 = run(make_mesh(data=2, sequence=4))

@@ -354,3 +354,64 @@ def test_prepare_data_reuses_cache(base):
     tok, train_tokens, eval_tokens = prepare_data(config)
     assert len(tok) == 400 and train_tokens.size > 1000 and eval_tokens is not None
     assert os.path.isfile(os.path.join(config.run.out_dir, "data", "train.bin"))
+
+
+def test_sequence_parallel_train_equals_one_device(base, tmp_path, capsys):
+    """``cpmjax train --mesh 2,1,1,4`` (data 2 x sequence 4, zigzag layout, burst ring) gives
+    the per-step losses and eval loss of the one-device run, and resumes like it."""
+    from cpmjax.train.cli import main
+
+    root, _, _ = base
+    common = dict(steps=3, checkpoint_every=0, log_every=1, eval_batches=1,
+                  async_checkpointing=False)
+
+    def tree(name):
+        out = _config_dict(str(tmp_path / name), root, **common)
+        out["optim"].update(warmup_steps=1, decay_steps=1)
+        return out
+
+    single = train(load_config(overrides=_flatten(tree("one"))), export=False)
+    path = _write_config(str(tmp_path / "sp.yaml"), tree("sp"))
+    argv = ["--config", path, "--mesh", "2,1,1,4", "--set", "run.mesh.sequence_impl=burst",
+            "--no-progress"]
+    assert main(argv) == 0
+    assert "sequence parallel over 4 devices (attention burst, layout zigzag)" in (
+        capsys.readouterr().err)
+    losses = _metrics(str(tmp_path / "sp"))
+    assert sorted(losses) == [1, 2, 3]
+    np.testing.assert_allclose([losses[i] for i in (1, 2, 3)], single.losses, rtol=1e-5)
+    with open(tmp_path / "sp" / "metrics.jsonl") as f:
+        final = [json.loads(x) for x in f if "final_eval_loss" in x]
+    np.testing.assert_allclose(final[-1]["final_eval_loss"], single.eval_loss, rtol=1e-5)
+    saved = load_config(str(tmp_path / "sp" / "config.yaml"))
+    assert (saved.run.mesh.data, saved.run.mesh.sequence) == (2, 4)
+
+
+def test_sequence_parallel_bad_settings_name_the_setting(tmp_path):
+    from cpmjax.train.cli import overrides_from_args, register
+    from cpmjax.train.config import check_sequence_parallel
+
+    with pytest.raises(ConfigError, match=r"data.seq_len=36 .*2\*run.mesh.sequence=8"):
+        load_config(overrides={"data.seq_len": 36, "run.mesh.sequence": 4})
+    with pytest.raises(ConfigError, match=r"data.seq_len=30 .*run.mesh.sequence=4"):
+        load_config(overrides={"data.seq_len": 30, "run.mesh.sequence": 4,
+                               "run.mesh.sequence_layout": "contiguous"})
+    with pytest.raises(ConfigError, match="sequence_impl"):
+        load_config(overrides={"run.mesh.sequence_impl": "fast"})
+    config = load_config(overrides={"data.seq_len": 32, "run.mesh.sequence": 4,
+                                    "run.out_dir": str(tmp_path)})
+    config.data.seq_len = 20  # changed after validation: train() checks again, before any work
+    with pytest.raises(ConfigError, match="data.seq_len=20"):
+        train(config)
+    check_sequence_parallel(load_config(overrides={"data.seq_len": 24,
+                                                   "run.mesh.sequence": 4,
+                                                   "run.mesh.sequence_layout": "contiguous"}))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    over = overrides_from_args(parser.parse_args(["train", "--mesh", "2,1,1,4"]))
+    assert over == {"run.mesh.data": 2, "run.mesh.fsdp": 1, "run.mesh.tensor": 1,
+                    "run.mesh.sequence": 4}
+    with pytest.raises(ConfigError, match="DATA,FSDP,TENSOR\\[,SEQUENCE\\]"):
+        overrides_from_args(parser.parse_args(["train", "--mesh", "2,4"]))

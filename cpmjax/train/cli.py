@@ -2,11 +2,16 @@
 
     cpmjax train --config configs/cpmjax-tiny.yaml [--steps N] [--out-dir DIR] [--lr LR]
                  [--batch-size B] [--seq-len S] [--init-from HF_DIR] [--tokenizer DIR]
-                 [--mesh DATA,FSDP,TENSOR] [--delta METHOD --delta-targets T1,T2]
+                 [--mesh DATA,FSDP,TENSOR[,SEQUENCE]] [--delta METHOD --delta-targets T1,T2]
                  [--set key.sub=value ...] [--no-resume] [--no-progress]
     cpmjax train --config CONFIG.yaml --export [--step K] [--export-dir DIR]
 
 Flags override the config file; ``--set`` reaches any field (``--set optim.decay=linear``).
+
+Sequence parallelism: a fourth ``--mesh`` entry cuts every sequence over that many devices
+(BurstAttention ring, zigzag layout), e.g. ``--mesh 2,1,1,4`` on 8 devices; choose the ring with
+``--set run.mesh.sequence_impl=ring`` (auto|burst|ring|allgather) and the layout with
+``--set run.mesh.sequence_layout=contiguous``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="HF tokenizer directory (default: train)")
     p.add_argument("--data", action="append", default=None,
                    help="corpus source (repeatable): stdlib, package-metadata, a dir/file/glob")
-    p.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR device mesh, e.g. 2,4,1")
+    p.add_argument("--mesh", default=None,
+                   help="DATA,FSDP,TENSOR[,SEQUENCE] device mesh, e.g. 2,4,1 or 2,1,1,4 "
+                        "(SEQUENCE > 1: sequence parallelism)")
     p.add_argument("--delta", default=None, help="train only a delta of this method (lora ...)")
     p.add_argument("--delta-targets", default=None, help="comma-separated module paths")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -72,10 +79,13 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out["delta.targets"] = [t.strip() for t in args.delta_targets.split(",") if t.strip()]
     if args.mesh:
         try:
-            data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
-        except ValueError as exc:
-            raise ConfigError(f"--mesh {args.mesh!r} is not DATA,FSDP,TENSOR") from exc
-        out.update({"run.mesh.data": data, "run.mesh.fsdp": fsdp, "run.mesh.tensor": tensor})
+            sizes = [int(x) for x in args.mesh.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) not in (3, 4):
+            raise ConfigError(f"--mesh {args.mesh!r} is not DATA,FSDP,TENSOR[,SEQUENCE]")
+        names = ("data", "fsdp", "tensor", "sequence")
+        out.update({f"run.mesh.{name}": size for name, size in zip(names, sizes, strict=False)})
     if args.no_resume:
         out["run.resume"] = False
     if args.no_progress:

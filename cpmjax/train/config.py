@@ -67,9 +67,20 @@ class OptimConfig(_Section):
 
 
 class MeshConfig(_Section):
+    """Device mesh of the train step. ``sequence > 1`` turns on sequence parallelism: every
+    sequence is cut over ``sequence`` devices (in ``sequence_layout`` order) and attention runs
+    as a distributed ring (``sharding.burst``, ``sequence_impl``)."""
+
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
+    sequence: int = 1
+    sequence_impl: Literal["auto", "burst", "ring", "allgather"] = "auto"
+    sequence_layout: Literal["zigzag", "contiguous"] = "zigzag"
+
+    @property
+    def num_devices(self) -> int:
+        return self.data * self.fsdp * self.tensor * self.sequence
 
 
 class DeltaConfig(_Section):
@@ -112,6 +123,9 @@ class TrainConfig(_Section):
     def _check(self) -> TrainConfig:
         if self.run.steps < 1:
             raise ValueError(f"run.steps must be >= 1, got {self.run.steps}")
+        problem = sequence_parallel_problem(self)
+        if problem:
+            raise ValueError(problem)
         mesh = self.run.mesh
         rows = mesh.data * mesh.fsdp
         if self.data.batch_size % rows:
@@ -139,6 +153,34 @@ class TrainConfig(_Section):
     @property
     def cache_dir(self) -> str:
         return self.data.cache_dir or os.path.join(self.run.out_dir, "data")
+
+
+def sequence_parallel_problem(config: TrainConfig) -> str | None:
+    """Why ``config``'s sequence parallelism cannot run (a message naming the settings), or
+    None. The zigzag layout cuts each sequence into ``2 * run.mesh.sequence`` equal chunks, the
+    contiguous one into ``run.mesh.sequence``."""
+    mesh, seq_len = config.run.mesh, config.data.seq_len
+    for name in ("data", "fsdp", "tensor", "sequence"):
+        if getattr(mesh, name) < 1:
+            return f"run.mesh.{name} must be >= 1, got {getattr(mesh, name)}"
+    if mesh.sequence == 1:
+        return None
+    chunks = 2 * mesh.sequence if mesh.sequence_layout == "zigzag" else mesh.sequence
+    if seq_len % chunks:
+        how = "2*run.mesh.sequence" if mesh.sequence_layout == "zigzag" else "run.mesh.sequence"
+        return (
+            f"data.seq_len={seq_len} is not divisible by {how}={chunks} "
+            f"(run.mesh.sequence_layout={mesh.sequence_layout!r} cuts every sequence into "
+            f"{chunks} equal chunks)"
+        )
+    return None
+
+
+def check_sequence_parallel(config: TrainConfig) -> None:
+    """Raise ``ConfigError`` naming the setting unless the sequence parallelism can run."""
+    problem = sequence_parallel_problem(config)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

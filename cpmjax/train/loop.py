@@ -6,18 +6,21 @@ with a progress bar, JSON-lines metrics (and TensorBoard when ``tensorboardX`` i
 - ``build_model(config, vocab_size)``: a fresh (μP-initialised) or pretrained ``CausalLM``;
 - ``make_optimizer(config, model)``: AdamW + μP groups + the configured schedule;
 - ``make_train_step(graphdef, chunk)``: the pure step ``(state, batch) -> (state, metrics)``;
+- ``SequenceParallel(mesh, impl, layout)``: lay a batch out over the ``sequence`` mesh axis and
+  run a step under the ``"burst"`` attention backend (``run.mesh.sequence > 1``);
 - ``flops_per_token(model_config, seq_len)`` and ``measure_matmul_peak()`` for MFU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -26,10 +29,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cpmjax.errors import ConfigError, NonFiniteLossError
+from cpmjax import ops
+from cpmjax.errors import ConfigError, NonFiniteLossError, ShapeMismatchError
 from cpmjax.models import CausalLM, ModelConfig
 from cpmjax.train.checkpoint import Checkpointer
-from cpmjax.train.config import TrainConfig, dump_config
+from cpmjax.train.config import TrainConfig, check_sequence_parallel, dump_config
 from cpmjax.train.data import (
     PackedBatches,
     collect_files,
@@ -165,6 +169,81 @@ def make_eval_step(graphdef: Any, chunk: int = 128):
 
 
 # ----------------------------------------------------------------------------------------------
+# sequence parallelism
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """Sequence parallelism of the train and eval steps on a mesh with a ``sequence`` axis.
+
+    :meth:`shard_batch` puts every per-token array of a batch (``[batch, seq]``: input_ids,
+    targets, positions, segment_ids, loss_mask) in layout order (``sharding.layout.to_layout``:
+    with ``"zigzag"`` device ``r`` of the ``G`` sequence devices holds chunks ``r`` and
+    ``2G - 1 - r`` of ``2G``, so causal work is balanced) and shards it batch over
+    ``data``/``fsdp`` and sequence over ``sequence``. :meth:`wrap` runs a step function under
+    the ``"burst"`` attention backend (``sharding.burst``: exact ring attention, ``impl`` one of
+    ``auto|burst|ring|allgather``). Positions travel with their tokens (RoPE sees the true
+    positions) and the ring masks by true token index, so every token's loss is the one of the
+    natural order; the loss and accuracy are means over tokens, hence unchanged, and so are the
+    gradients. The data iterator never sees the layout (its position and resume are as
+    without it)."""
+
+    mesh: Any  # jax.sharding.Mesh with a "sequence" axis
+    impl: str = "auto"
+    layout: str = "zigzag"
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.mesh.shape["sequence"])
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """``{name: [batch, seq]}`` in natural order -> the same arrays in layout order, placed
+        with ``batch_sharding(mesh, sequence=True)``."""
+        from sharding.layout import check_layout, to_layout
+        from sharding.mesh import batch_sharding
+
+        sharding = batch_sharding(self.mesh, sequence=True)
+        out = {}
+        for name, x in batch.items():
+            if np.ndim(x) != 2:
+                raise ShapeMismatchError(
+                    f"batch[{name!r}] must be [batch, seq] for sequence parallelism, got shape "
+                    f"{tuple(np.shape(x))}")
+            check_layout(self.layout, x.shape[1], self.num_shards)
+            out[name] = jax.device_put(to_layout(x, self.num_shards, self.layout), sharding)
+        return out
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` traced under ``ops.attention_backend("burst", mesh=, impl=, layout=)``; jit
+        the result (the backend is chosen when ``jit`` traces)."""
+
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with ops.attention_backend("burst", mesh=self.mesh, impl=self.impl,
+                                       layout=self.layout):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+
+def make_training_mesh(config: TrainConfig) -> tuple[Any, SequenceParallel | None]:
+    """``(mesh or None, SequenceParallel or None)`` for ``config.run.mesh``: no mesh on one
+    device; a ``SequenceParallel`` when ``run.mesh.sequence > 1``. Raises ``ConfigError`` (naming
+    the setting) when ``data.seq_len`` cannot be laid out over the sequence devices and
+    ``ShardingError`` when the mesh needs more devices than exist."""
+    from sharding.mesh import make_mesh
+
+    check_sequence_parallel(config)
+    m = config.run.mesh
+    if m.num_devices == 1:
+        return None, None
+    mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, sequence=m.sequence)
+    if m.sequence == 1:
+        return mesh, None
+    return mesh, SequenceParallel(mesh, impl=m.sequence_impl, layout=m.sequence_layout)
+
+
+# ----------------------------------------------------------------------------------------------
 # throughput
 
 
@@ -290,13 +369,30 @@ def _to_device(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Arr
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
 
 
+def _pin_to_mesh(state: Any, mesh: Any) -> tuple[Any, Any]:
+    """``(state, shardings)``: leaves not yet on ``mesh`` (optimizer counters) replicated onto
+    it. Jitting the step with ``out_shardings=shardings`` hands back the state exactly as it came
+    in, so the second step hits the compilation cache instead of compiling again."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+    state = jax.tree.map(place, state)
+    return state, jax.tree.map(lambda x: x.sharding, state)
+
+
 def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     """Run (or resume) the training described by ``config``; returns the losses of the steps
     this call ran. A NaN/inf loss raises ``NonFiniteLossError`` before anything is saved, so
     the last good checkpoint stays the latest."""
-    from sharding.mesh import batch_sharding, make_mesh, shard_model
+    from sharding.mesh import batch_sharding, shard_model
 
     run = config.run
+    mesh, seq_parallel = make_training_mesh(config)  # validate before any data work
     os.makedirs(run.out_dir, exist_ok=True)
     dump_config(config, os.path.join(run.out_dir, "config.yaml"))
     tokenizer, train_tokens, eval_tokens = prepare_data(config)
@@ -315,18 +411,22 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
 
     model = build_model(config, len(tokenizer))
     wrt = trainable_filter(config, model)
-    mesh_cfg = run.mesh
-    mesh = None
-    if mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor > 1:
-        mesh = make_mesh(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor)
+    if mesh is not None:
         shard_model(model, mesh)
-    data_sharding = batch_sharding(mesh) if mesh is not None else None
     optimizer = nnx.Optimizer(model, make_optimizer(config, model), wrt=wrt)
     graphdef, state = nnx.split((model, optimizer))
     schedule = make_schedule(config)
-    step_fn = jax.jit(make_train_step(graphdef, wrt, run.loss_chunk, run.loss_remat),
-                      donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(graphdef, run.loss_chunk))
+    train_step = make_train_step(graphdef, wrt, run.loss_chunk, run.loss_remat)
+    eval_step = make_eval_step(graphdef, run.loss_chunk)
+    if seq_parallel is not None:
+        train_step, eval_step = seq_parallel.wrap(train_step), seq_parallel.wrap(eval_step)
+        to_device = seq_parallel.shard_batch
+        print(f"[cpmjax train] sequence parallel over {seq_parallel.num_shards} devices "
+              f"(attention {seq_parallel.impl}, layout {seq_parallel.layout}), mesh "
+              f"{dict(mesh.shape)}", file=sys.stderr)
+    else:
+        data_sharding = batch_sharding(mesh) if mesh is not None else None
+        to_device = functools.partial(_to_device, sharding=data_sharding)
 
     ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), keep=run.keep_checkpoints,
                         async_save=run.async_checkpointing)
@@ -340,6 +440,12 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
         rng_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         print(f"[cpmjax train] resumed from step {start_step} ({ckpt.directory})",
               file=sys.stderr)
+    out_shardings = None
+    if mesh is not None:
+        state, state_shardings = _pin_to_mesh(state, mesh)
+        out_shardings = (state_shardings, None)
+    step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
+    eval_fn = jax.jit(eval_step)
 
     mc = model.config
     tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -362,7 +468,7 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
             return None
         total, count = 0.0, 0.0
         for b in eval_batches:
-            loss, n = eval_fn(state, _to_device(b, data_sharding))
+            loss, n = eval_fn(state, to_device(b))
             total += float(loss) * float(n)
             count += float(n)
         return total / max(count, 1.0)
@@ -376,7 +482,7 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     stopped_early = False
     try:
         while step < run.steps:
-            batch = _to_device(next(batches), data_sharding)
+            batch = to_device(next(batches))
             lr = float(schedule(step))
             state, metrics = step_fn(state, batch)
             loss = float(metrics["loss"])
