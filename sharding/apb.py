@@ -63,6 +63,7 @@ __all__ = [
     "apb_reference",
     "compress_block",
     "make_apb_layout",
+    "make_method_layout",
     "merge_partials",
     "query_aware_scores",
     "star_attention",
@@ -222,6 +223,35 @@ def make_apb_layout(
         anchor_len=int(anchor_len), passing_len=int(passing_len), query_len=int(query_len),
         query_offset=int(query_offset), embed_query=bool(embed_query),
     )
+
+
+def make_method_layout(
+    method: str,
+    seq_len: int,
+    *,
+    hosts: int,
+    anchor_len: int | None = None,
+    passing_len: int | None = None,
+    query_len: int = 0,
+    query_offset: int = 0,
+) -> APBLayout:
+    """The validated layout of a distributed prefill ``method``: ``"apb"`` (defaults as
+    :func:`make_apb_layout`, query embedded in the anchor) or ``"star"`` (Star Attention: anchor
+    = the first block unless ``anchor_len`` is given, nothing passed, query not embedded;
+    ``passing_len`` must be None or 0). Raises ``ConfigError`` for another method."""
+    if method == "apb":
+        return make_apb_layout(seq_len, hosts=hosts, anchor_len=anchor_len,
+                               passing_len=passing_len, query_len=query_len,
+                               query_offset=query_offset)
+    if method == "star":
+        if passing_len:
+            raise ConfigError(f"Star Attention passes nothing; got passing_len={passing_len}")
+        if anchor_len is None:
+            anchor_len = make_apb_layout(seq_len, hosts=hosts, anchor_len=0, passing_len=0,
+                                         query_len=query_len, embed_query=False).block_len
+        return make_apb_layout(seq_len, hosts=hosts, anchor_len=anchor_len, passing_len=0,
+                               query_len=query_len, embed_query=False)
+    raise ConfigError(f"method={method!r} is not 'apb' or 'star'")
 
 
 # ----------------------------------------------------------------------------- local attention
@@ -460,9 +490,30 @@ def _segments(batch: int, q_len: int, kv_keep: jax.Array) -> tuple[jax.Array, ja
     return q_seg, kv_seg
 
 
+def _remote_branches(layout: APBLayout) -> tuple[np.ndarray, list[tuple[bool, int]]]:
+    """What each host attends to outside its own block, grouped into distinct static shapes.
+
+    Host ``h`` sees the anchor (``h > 0``) and the passing blocks of hosts ``0..h-1``. Returns
+    ``(branch_of_host [hosts], branches)`` with one ``(with_anchor, passing_blocks)`` per distinct
+    shape (Star: two branches, nothing / anchor; APB: one per host)."""
+    keys = []
+    for h in range(layout.hosts):
+        with_anchor = h > 0 and layout.anchor_len > 0
+        blocks = h if layout.passing_len > 0 else 0
+        keys.append((with_anchor, blocks) if (with_anchor or blocks) else (False, 0))
+    branches = sorted(set(keys), key=lambda kb: (kb[1], kb[0]))
+    return np.array([branches.index(kb) for kb in keys], np.int32), branches
+
+
 def _apb_shard(q, k, v, *, layout: APBLayout, axis: str, scorer: Any, sm_scale: float,
                attend: LocalAttention, pool_size: int):
-    """One host's APB attention on its expanded rows ``[b, anchor_len + block_len, h, d]``."""
+    """One host's APB attention on its expanded rows ``[b, anchor_len + block_len, h, d]``.
+
+    The keys outside the local block (anchor, passing blocks of earlier hosts) differ in number
+    from host to host; a ``lax.switch`` on the host index runs one attention over exactly the
+    keys the host may see (no work on masked passing blocks of later hosts, none on the anchor
+    on host 0). Under ``cost_analysis`` a switch counts its most expensive branch: the last
+    host's, the critical path."""
     a, blk, ctx = layout.anchor_len, layout.block_len, layout.context_len
     hosts, passing = layout.hosts, layout.passing_len
     host = lax.axis_index(axis) if hosts > 1 else jnp.int32(0)
@@ -474,9 +525,7 @@ def _apb_shard(q, k, v, *, layout: APBLayout, axis: str, scorer: Any, sm_scale: 
     attn = functools.partial(attend, sm_scale=sm_scale)
 
     parts = [attn(ql, kl, vl, causal=True, segment_ids=_segments(b, blk, valid))]
-    if a > 0:
-        keep = jnp.broadcast_to(host > 0, (a,))
-        parts.append(attn(ql, ka, va, causal=False, segment_ids=_segments(b, blk, keep)))
+    kp = vp = slot_real = None
     if scorer is not None:
         if scorer == "query":
             query = qa[:, layout.query_offset : layout.query_offset + layout.query_len]
@@ -493,17 +542,55 @@ def _apb_shard(q, k, v, *, layout: APBLayout, axis: str, scorer: Any, sm_scale: 
         v_all = lax.all_gather(v_sel, axis)[: hosts - 1]
         kp = jnp.moveaxis(k_all, 0, 1).reshape(b, (hosts - 1) * passing, *k_sel.shape[2:])
         vp = jnp.moveaxis(v_all, 0, 1).reshape(b, (hosts - 1) * passing, *v_sel.shape[2:])
-        src = jnp.repeat(jnp.arange(hosts - 1), passing)
-        slot = jnp.tile(jnp.arange(passing), hosts - 1)
-        lo = jnp.maximum(a, src * blk)
-        hi = jnp.minimum(ctx, (src + 1) * blk)
-        keep = (src < host) & (slot < jnp.maximum(hi - lo, 0))
-        parts.append(attn(ql, kp, vp, causal=False, segment_ids=_segments(b, blk, keep)))
+        # a source block with fewer candidates than passing_len has unreal trailing slots
+        src = np.repeat(np.arange(hosts - 1), passing)
+        slot = np.tile(np.arange(passing), hosts - 1)
+        real = np.minimum(ctx, (src + 1) * blk) - np.maximum(a, src * blk)
+        slot_real = jnp.asarray(slot < np.maximum(real, 0))
+    branch_of_host, branches = _remote_branches(layout)
+    if hosts > 1 and any(with_anchor or blocks for with_anchor, blocks in branches):
+        dv = v.shape[-1]
+
+        def remote(with_anchor: bool, blocks: int):
+            def run():
+                if not (with_anchor or blocks):
+                    return (jnp.zeros((b, blk, q.shape[2], dv), jnp.float32),
+                            jnp.full((b, q.shape[2], blk), -jnp.inf, jnp.float32))
+                ks, vs, keep = [], [], []
+                if with_anchor:
+                    ks, vs, keep = [ka], [va], [jnp.ones((a,), bool)]
+                if blocks:
+                    n = blocks * passing
+                    ks.append(kp[:, :n])
+                    vs.append(vp[:, :n])
+                    keep.append(slot_real[:n])
+                kk, vv = (x[0] if len(x) == 1 else jnp.concatenate(x, axis=1) for x in (ks, vs))
+                keys_ok = keep[0] if len(keep) == 1 else jnp.concatenate(keep)
+                o, lse = attn(ql, kk, vv, causal=False, segment_ids=_segments(b, blk, keys_ok))
+                return o.astype(jnp.float32), lse.astype(jnp.float32)
+            return run
+
+        fns = [remote(*br) for br in branches]
+        if len(fns) == 1:
+            parts.append(fns[0]())
+        else:
+            index = jnp.asarray(branch_of_host)[host]
+            parts.append(lax.switch(index, fns))
     o_local, _ = merge_partials(parts)
     if a == 0:
         return o_local
-    o_anchor, _ = attn(qa, ka, va, causal=True, segment_ids=None)
-    return jnp.concatenate([o_anchor.astype(o_local.dtype), o_local], axis=1)
+
+    def anchor_attention():
+        return attn(qa, ka, va, causal=True, segment_ids=None)[0].astype(o_local.dtype)
+
+    if scorer is None and hosts > 1:
+        # host 0's local queries never read the anchor, and without a scorer nothing reads the
+        # anchor's queries either: its anchor rows only feed its own (discarded) anchor rows
+        o_anchor = lax.cond(host > 0, anchor_attention,
+                            lambda: jnp.zeros(qa.shape[:3] + v.shape[3:], o_local.dtype))
+    else:
+        o_anchor = anchor_attention()
+    return jnp.concatenate([o_anchor, o_local], axis=1)
 
 
 def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -606,8 +693,14 @@ def _tail_attention(q_tail, k_ctx, v_ctx, k_tail, v_tail, *, mesh, layout, axis,
     return out.astype(q_tail.dtype)
 
 
-def _attention_core(q, k, v, *, mesh, axis, layout, scorer, retaining_head, sm_scale, pool_size,
-                    attention_impl):
+def _attention_core(q, k, v, method, *, mesh, axis, anchor_len, passing_len, query_len,
+                    query_offset, scorer, retaining_head, sm_scale, pool_size, attention_impl):
+    """Shared body of :func:`apb_attention` and :func:`star_attention`: validate the inputs and
+    the setting, lay the input out, run the hosts, put the outputs back in input order."""
+    _check_qkv(q, k, v)
+    layout = make_method_layout(method, q.shape[1], hosts=_axis_size(mesh, axis),
+                                anchor_len=anchor_len, passing_len=passing_len,
+                                query_len=query_len, query_offset=query_offset)
     idx = jnp.asarray(np.maximum(layout.source_index(), 0))
     seq_sharding = NamedSharding(mesh, PartitionSpec(None, axis))
     qe, ke, ve = (lax.with_sharding_constraint(jnp.take(x, idx, axis=1), seq_sharding)
@@ -661,12 +754,9 @@ def apb_attention(
 
     Returns ``[batch, seq, q_heads, v_dim]``. Context rows get APB's approximation (exact on
     host 0); query rows attend exactly to the whole context and causally to the query."""
-    _check_qkv(q, k, v)
-    layout = make_apb_layout(
-        q.shape[1], hosts=_axis_size(mesh, axis), anchor_len=anchor_len,
-        passing_len=passing_len, query_len=query_len, query_offset=query_offset,
-    )
-    return _attention_core(q, k, v, mesh=mesh, axis=axis, layout=layout, scorer=scorer,
+    return _attention_core(q, k, v, "apb", mesh=mesh, axis=axis, anchor_len=anchor_len,
+                           passing_len=passing_len, query_len=query_len,
+                           query_offset=query_offset, scorer=scorer,
                            retaining_head=retaining_head, sm_scale=sm_scale,
                            pool_size=pool_size, attention_impl=attention_impl)
 
@@ -687,15 +777,8 @@ def star_attention(
     (default: the whole first block) to its local block, nothing is passed and the query is not
     embedded; query rows (phase 2) attend exactly to every host's KV. Shapes as
     :func:`apb_attention`."""
-    _check_qkv(q, k, v)
-    hosts = _axis_size(mesh, axis)
-    probe = make_apb_layout(q.shape[1], hosts=hosts, anchor_len=0, passing_len=0,
-                            query_len=query_len, embed_query=False)
-    layout = make_apb_layout(
-        q.shape[1], hosts=hosts, anchor_len=probe.block_len if anchor_len is None else anchor_len,
-        passing_len=0, query_len=query_len, embed_query=False,
-    )
-    return _attention_core(q, k, v, mesh=mesh, axis=axis, layout=layout, scorer=None,
+    return _attention_core(q, k, v, "star", mesh=mesh, axis=axis, anchor_len=anchor_len,
+                           passing_len=None, query_len=query_len, query_offset=0, scorer=None,
                            retaining_head=None, sm_scale=sm_scale, pool_size=1,
                            attention_impl=attention_impl)
 

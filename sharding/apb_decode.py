@@ -24,7 +24,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpmjax.errors import ConfigError, ShapeMismatchError, ShardingError
-from sharding.apb import APBLayout, _axis_size, make_apb_layout
+from sharding.apb import APBLayout, _axis_size, make_method_layout
 
 __all__ = ["apb_prefill", "decode_attention", "masked_attention_lse"]
 
@@ -129,19 +129,9 @@ def apb_prefill(
         ops.register_attention_backend("apb", apb_backend)
     b, seq = tokens.shape
     hosts = _axis_size(mesh, axis)
-    if method == "apb":
-        layout = make_apb_layout(seq, hosts=hosts, anchor_len=anchor_len,
-                                 passing_len=passing_len, query_len=query_len,
-                                 query_offset=query_offset)
-    elif method == "star":
-        probe = make_apb_layout(seq, hosts=hosts, anchor_len=0, passing_len=0,
-                                query_len=query_len, embed_query=False)
-        layout = make_apb_layout(
-            seq, hosts=hosts, anchor_len=probe.block_len if anchor_len is None else anchor_len,
-            passing_len=0, query_len=query_len, embed_query=False,
-        )
-    else:
-        raise ConfigError(f"method={method!r} is not 'apb' or 'star'")
+    layout = make_method_layout(method, seq, hosts=hosts, anchor_len=anchor_len,
+                                passing_len=passing_len, query_len=query_len,
+                                query_offset=query_offset)
     cache_len = jax.tree.leaves(cache)[0].shape[1]
     if cache_len < seq:
         raise ConfigError(f"cache_len={cache_len} is shorter than the prompt ({seq} tokens)")

@@ -15,10 +15,12 @@ from cpmjax.errors import ConfigError, ShapeMismatchError, ShardingError
 from pallas_kernels import attention_reference
 from sharding.apb import (
     RetainingHead,
+    _remote_branches,
     apb_attention,
     apb_reference,
     compress_block,
     make_apb_layout,
+    make_method_layout,
     star_attention,
 )
 from sharding.apb_decode import decode_attention, masked_attention_lse
@@ -151,6 +153,27 @@ def test_invalid_settings_raise_naming_the_value(kwargs, error, culprit):
     q, k, v = _qkv(64)
     with pytest.raises(error, match=culprit.replace("(", r"\(")):
         apb_attention(q, k, v, mesh=_mesh(), **kwargs)
+
+
+def test_method_layouts_and_per_host_branches():
+    """One validation path for both methods; each host attends to exactly what it may see."""
+    apb = make_method_layout("apb", 64, hosts=8, anchor_len=4, passing_len=2, query_len=0)
+    assert (apb.anchor_len, apb.passing_len, apb.embed_query) == (4, 2, True)
+    star = make_method_layout("star", 64, hosts=8, query_len=8, query_offset=3)
+    assert (star.anchor_len, star.passing_len, star.embed_query) == (star.block_len, 0, False)
+    with pytest.raises(ConfigError, match="passing_len=3"):
+        make_method_layout("star", 64, hosts=8, passing_len=3)
+    with pytest.raises(ConfigError, match="method='ring'"):
+        make_method_layout("ring", 64, hosts=8)
+    # APB: host h sees the anchor (h > 0) and h passing blocks: one branch per host
+    index, branches = _remote_branches(apb)
+    assert [branches[i] for i in index] == [(False, 0)] + [(True, h) for h in range(1, 8)]
+    # Star: host 0 sees nothing outside its block, every other host the anchor
+    index, branches = _remote_branches(star)
+    assert branches == [(False, 0), (True, 0)] and index.tolist() == [0] + [1] * 7
+    # no anchor, passing: host 0 has nothing, host h its h predecessors' blocks
+    index, branches = _remote_branches(make_apb_layout(64, hosts=8, anchor_len=0, passing_len=8))
+    assert [branches[i] for i in index] == [(False, h) for h in range(8)]
 
 
 def test_invalid_shapes_raise():
