@@ -16,11 +16,13 @@ from cpmjax.train.checkpoint import Checkpointer
 from cpmjax.train.config import TrainConfig, load_config
 from cpmjax.train.data import PackedBatches, collect_files, pack_rows, split_files
 from cpmjax.train.loop import (
+    SequenceParallel,
     TrainResult,
     export_checkpoint,
     flops_per_token,
     make_optimizer,
     make_train_step,
+    make_training_mesh,
     measure_matmul_peak,
     train,
 )
@@ -58,6 +60,7 @@ def install_bundled_model(export_dir: str, name: str = TINY_MODEL_NAME) -> str:
 __all__ = [
     "Checkpointer",
     "PackedBatches",
+    "SequenceParallel",
     "TrainConfig",
     "TrainResult",
     "adamw_mup",
@@ -72,6 +75,7 @@ __all__ = [
     "load_config",
     "make_optimizer",
     "make_train_step",
+    "make_training_mesh",
     "measure_matmul_peak",
     "mup_group",
     "mup_labels",
