@@ -1,7 +1,8 @@
 """The seams models call: ``attention(...)`` and ``lm_head(...)``.
 
 Models never call a kernel directly. ``attention`` dispatches to a backend chosen by the
-``backend=`` argument, else by the innermost ``attention_backend(...)`` context, else ``"xla"``:
+``backend=`` argument, else by the innermost ``attention_backend(...)`` context, else ``"xla"``
+for key lengths under ``LONG_SEQUENCE`` (2048) and ``"blockwise"`` from there on:
 
 - ``"xla"``: the reference (materialised scores, float32 softmax). Supports every mask.
 - ``"blockwise"``: ``pallas_kernels.blockwise_attention`` (lax scan over key blocks, O(seq)
@@ -36,6 +37,7 @@ AttentionFn = Callable[..., jax.Array]
 _REGISTRY: dict[str, AttentionFn] = {}
 _STATE = threading.local()
 _MASK_VALUE = -1e30
+LONG_SEQUENCE = 2048  # with no backend selected, key lengths from here on run "blockwise"
 
 
 def register_attention_backend(name: str, fn: AttentionFn) -> None:
@@ -207,8 +209,16 @@ def _dispatch(
     **options: Any,
 ) -> jax.Array:
     if backend is None:
-        backend, ctx_options = current_backend()
-        options = {**ctx_options, **options}
+        stack = getattr(_STATE, "stack", None)
+        if stack:
+            backend, ctx_options = stack[-1]
+            options = {**ctx_options, **options}
+        elif k.shape[1] >= LONG_SEQUENCE:
+            # No backend chosen: long sequences take the O(seq)-memory blockwise kernel, which
+            # also skips the fully masked causal blocks the reference computes.
+            backend = "blockwise"
+        else:
+            backend = "xla"
     needs_reference = q_positions is not None or kv_positions is not None or mask is not None
     if needs_reference or backend == "xla":
         return xla_attention(

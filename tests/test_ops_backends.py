@@ -46,3 +46,22 @@ def test_unknown_backend_is_a_config_error():
     q = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ConfigError, match="nope"):
         ops.attention(q, q, q, backend="nope")
+
+
+def test_default_backend_is_blockwise_for_long_keys(monkeypatch):
+    """With no backend chosen, keys from LONG_SEQUENCE on run the blockwise kernel (a scan in
+    the program), shorter ones the reference; both give the reference's values."""
+    monkeypatch.setattr(ops, "LONG_SEQUENCE", 64)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 70, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 70, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 70, 2, 8)), jnp.float32)
+    seg = jnp.asarray(np.repeat([0, 1], 35)[None], jnp.int32)
+    ref = ops.xla_attention(q, k, v, causal=True, segment_ids=seg)
+    for length, uses_scan in [(70, True), (40, False)]:
+        args = (q[:, :length], k[:, :length], v[:, :length])
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: ops.attention(
+            q, k, v, causal=True, segment_ids=seg[:, :length]))(*args))
+        assert ("scan" in jaxpr) == uses_scan, length
+    out = ops.attention(q, k, v, causal=True, segment_ids=seg)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
