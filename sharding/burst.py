@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 IMPLS = ("auto", "burst", "ring", "allgather")
 BURST_OUT = "burst_out"
 BURST_LSE = "burst_lse"
-_MASK_VALUE = -1e30
 
 LocalAttention = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -93,38 +92,10 @@ def reference_local_attention(
     ``segment_ids``: ``(q_seg [b, lq], kv_seg [b, lk])`` or None. Returns ``o [b, lq, hq, dv]``
     (q's dtype) and ``lse [b, hq, lq]`` float32; a row that sees no key gets ``o = 0`` and
     ``lse = -inf`` (no NaN)."""
-    b, lq, hq, dk = q.shape
-    lk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    g = hq // hkv
-    qg = q.reshape(b, lq, hkv, g, dk)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    mask = _mask(lq, lk, causal, q_offset, segment_ids)
-    if mask is not None:
-        s = jnp.where(mask, s, _MASK_VALUE)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    seen = denom > 0
-    safe = jnp.where(seen, denom, 1.0)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", (p / safe).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-    lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)[..., 0]
-    return o.reshape(b, lq, hq, dv).astype(q.dtype), lse.reshape(b, hq, lq)
+    from pallas_kernels import attention_reference
 
-
-def _mask(lq, lk, causal, q_offset, segment_ids):
-    """Bool mask broadcastable to ``[b, hkv, g, lq, lk]`` (True = attend), or None."""
-    mask = None
-    if causal:
-        q_pos = jnp.arange(lq)[:, None] + jnp.asarray(q_offset, jnp.int32)
-        mask = (jnp.arange(lk)[None, :] <= q_pos)[None, None, None]
-    if segment_ids is not None:
-        q_seg, kv_seg = segment_ids
-        same = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
-        mask = same if mask is None else mask & same
-    return mask
+    return attention_reference(q, k, v, causal=causal, q_offset=q_offset, sm_scale=sm_scale,
+                               segment_ids=segment_ids, return_lse=True)
 
 
 def blockwise_local_attention(q, k, v, *, causal, q_offset=0, sm_scale, segment_ids=None,
