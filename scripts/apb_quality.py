@@ -1,0 +1,468 @@
+"""APB quality study: how far APB and Star Attention move a model's predictions from full attention.
+
+Two parts, both on 8 simulated CPU devices (the hosts of APB / Star; full attention runs on one
+device):
+
+``kl``  Real long inputs: the Python standard-library files that ``cpmjax train`` holds out of the
+        bundled cpmjax-tiny model's training set (2% by a hash of the path; ``--split eval``),
+        concatenated in path order, tokenized with the bundled tokenizer and cut into
+        non-overlapping windows of ``L`` tokens (``<s>`` first). The last ``query_len`` tokens
+        of a window are APB's query (embedded in the anchor at offset 1). For every position
+        after host 0's block (where the methods differ) and every query position: the mean
+        per-token KL(full || method) of the next-token distributions, the next-token accuracy and
+        loss of each method, and top-1 agreement with full attention.
+``kv``  Synthetic key-value retrieval (``scripts/make_kv_retrieval.py``) with a small MiniCPM
+        trained for it by ``cpmjax train --config configs/kv-retrieval.yaml``: exact match of the
+        greedy value tokens after ``? key``, through ``cpmjax.generate(..., prefill=...)`` with
+        ``"local"`` (full attention), ``"apb"`` and ``"star"``; counts with Wilson 95%
+        intervals, and accuracy split by whether the needle sits on host 0 or a later host.
+
+Methods: ``apb-query`` (training-free query-aware scorer), ``apb-retaining`` (retaining heads
+from ``scripts/train_retaining_head.py``, when ``--heads`` is given), ``star`` (anchor = the
+first block, nothing passed), and in ``kl`` an ``exact-limit`` row (APB with ``anchor_len=0`` and
+``passing_len=block_len``, which equals full attention: a check of the harness itself).
+
+Usage::
+
+    python scripts/apb_quality.py corpus --split train --out runs/apb_quality/stdlib_train.txt
+    python scripts/apb_quality.py run [--parts kl,kv] [--heads runs/apb_quality/heads.npz]
+    # writes docs/benchmarks/apb_quality.json and prints the tables
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+HOSTS = 8
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def kl_per_token(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+    """``KL(softmax(p) || softmax(q))`` per row: ``[..., vocab] x [..., vocab] -> [...]`` (nats,
+    float32). ``p`` is the reference (full attention), ``q`` the approximation."""
+    lp = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
+    lq = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default)."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = successes / total
+    den = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / den
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_delta(hit: np.ndarray, ref: np.ndarray, z: float = 1.959964
+                 ) -> tuple[float, tuple[float, float]]:
+    """Accuracy difference ``mean(hit) - mean(ref)`` on the same prompts (bool ``[n]`` each) and
+    its normal-approximation 95% interval from the per-prompt differences."""
+    d = hit.astype(np.float64) - ref.astype(np.float64)
+    mean = float(d.mean())
+    half = z * float(d.std(ddof=1)) / math.sqrt(d.size) if d.size > 1 else 1.0
+    return mean, (mean - half, mean + half)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def stdlib_text(split: str = "eval") -> tuple[str, list[str]]:
+    """The stdlib ``*.py`` files of ``cpmjax train``'s ``split`` (``"eval"``: held out of the
+    bundled model's training; ``"train"``), concatenated in path order. Returns (text, keys)."""
+    from cpmjax.train.data import collect_files, split_files
+
+    train, held = split_files(collect_files(["stdlib"]), 0.02)
+    files = held if split == "eval" else train
+    parts = []
+    for f in files:
+        with open(f.path, encoding="utf-8", errors="replace") as fh:
+            parts.append(fh.read())
+    return "\n".join(parts), [f.key for f in files]
+
+
+def mesh_of(hosts: int = HOSTS) -> Mesh:
+    devices = jax.devices()
+    if len(devices) < hosts:
+        raise SystemExit(f"need {hosts} devices, have {len(devices)} (set XLA_FLAGS before jax)")
+    return Mesh(np.array(devices[:hosts]), ("sequence",))
+
+
+# ----------------------------------------------------------------------------- hidden states
+
+
+def full_hidden(model: Any, tokens: jax.Array) -> jax.Array:
+    """Full causal attention on one device: ``tokens [b, seq] -> hidden [b, seq, hidden]``
+    (normalised, μP-scaled: ``logits = hidden @ head.T``)."""
+    from cpmjax import ops
+
+    with ops.attention_backend("blockwise"):
+        return model(tokens, return_hidden=True)
+
+
+def layout_for(method: str, seq: int, *, query_len: int, query_offset: int = 1,
+               hosts: int = HOSTS):
+    """The ``APBLayout`` of ``method``: ``apb-*`` (paper defaults), ``star`` (anchor = the
+    first block, nothing passed, query not embedded), ``exact-limit`` (anchor 0, pass all)."""
+    from sharding.apb import make_apb_layout
+
+    probe = make_apb_layout(seq, hosts=hosts, anchor_len=0, passing_len=0, query_len=query_len,
+                            embed_query=False)
+    blk = probe.block_len
+    if method.startswith("apb"):
+        return make_apb_layout(seq, hosts=hosts, query_len=query_len, query_offset=query_offset)
+    if method == "star":
+        return make_apb_layout(seq, hosts=hosts, anchor_len=blk, passing_len=0,
+                               query_len=query_len, embed_query=False)
+    if method == "exact-limit":
+        return make_apb_layout(seq, hosts=hosts, anchor_len=0, passing_len=blk,
+                               query_len=query_len, embed_query=False)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _uniform_scores(q, k, v, *, query=None, **_):
+    """A scorer for the exact limit (every entry is passed, so the order does not matter)."""
+    return jnp.zeros(k.shape[:3], jnp.float32)
+
+
+def distributed_hidden(model: Any, tokens: jax.Array, *, mesh: Mesh, layout: Any,
+                       scorer: Any) -> jax.Array:
+    """APB / Star prefill over ``mesh["sequence"]`` through the ``"apb"`` attention backend of
+    ``cpmjax.ops`` (the path ``cpmjax.generate(prefill="apb"|"star")`` takes), keeping every
+    position: context rows from the expanded layout (``layout.local_rows()``), then the query
+    tokens against the sequence-sharded KV cache (Star's phase 2). ``tokens [b, seq] -> hidden
+    [b, seq, hidden]`` in input order."""
+    from cpmjax import ops
+
+    b, seq = tokens.shape
+    c = layout.context_len
+    cache_len = -(-seq // (layout.hosts * 8)) * layout.hosts * 8
+    seq_sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+    cache = jax.device_put(model.init_cache(b, cache_len), seq_sharding)
+    src = np.maximum(layout.source_index(), 0)
+    exp_tokens = jax.device_put(tokens[:, src], seq_sharding)
+    positions = jnp.broadcast_to(jnp.asarray(layout.positions()), exp_tokens.shape)
+    slots = jnp.broadcast_to(jnp.asarray(layout.cache_slots(cache_len)), exp_tokens.shape)
+    with ops.attention_backend("apb", mesh=mesh, layout=layout, axis="sequence", scorer=scorer,
+                               attention_impl="blockwise"):
+        if hasattr(scorer, "reset"):
+            scorer.reset()
+        hidden, cache = model(exp_tokens, positions=positions, cache=cache, cache_slots=slots,
+                              return_hidden=True, rope_seq_len=seq)
+    ctx = hidden[:, jnp.asarray(layout.local_rows())]
+    if layout.query_len == 0:
+        return ctx
+    q_pos = jnp.broadcast_to(jnp.arange(c, seq, dtype=jnp.int32), (b, seq - c))
+    q_hidden, _ = model(tokens[:, c:], positions=q_pos, cache=cache, attend_cache=True,
+                        return_hidden=True, rope_seq_len=seq)
+    return jnp.concatenate([ctx, q_hidden.astype(ctx.dtype)], axis=1)
+
+
+# ----------------------------------------------------------------------------- part (a): KL
+
+
+@jax.jit
+def _chunk_stats(head: jax.Array, rh: jax.Array, h: jax.Array, t: jax.Array
+                 ) -> dict[str, jax.Array]:
+    ref = rh @ head.T
+    out = h @ head.T
+    lref = jax.nn.log_softmax(ref, -1)
+    lout = jax.nn.log_softmax(out, -1)
+    return dict(
+        kl=kl_per_token(ref, out),
+        nll=-jnp.take_along_axis(lout, t[:, None], -1)[:, 0],
+        correct=jnp.argmax(out, -1) == t,
+        ref_nll=-jnp.take_along_axis(lref, t[:, None], -1)[:, 0],
+        ref_correct=jnp.argmax(ref, -1) == t,
+        agree=jnp.argmax(out, -1) == jnp.argmax(ref, -1),
+    )
+
+
+def _logit_stats(head: jax.Array, ref_hidden: jax.Array, hidden: jax.Array,
+                 targets: jax.Array, chunk: int = 512) -> dict[str, np.ndarray]:
+    """Per-position KL(full || method), method NLL / correct, full NLL / correct, top-1 agreement
+    (``[seq]`` each) from ``[seq, hidden]`` states; the vocab projection runs in chunks."""
+    parts = []
+    n = ref_hidden.shape[0]
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        pad = chunk - (e - s)
+        rh = jnp.pad(ref_hidden[s:e], ((0, pad), (0, 0)))
+        h = jnp.pad(hidden[s:e], ((0, pad), (0, 0)))
+        t = jnp.pad(targets[s:e], (0, pad))
+        parts.append({k: np.asarray(v)[: e - s] for k, v in _chunk_stats(head, rh, h, t).items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def run_kl(args, report: dict) -> None:
+    import cpmjax
+    from sharding.apb import RetainingHeads
+
+    model_dir = args.model or cpmjax.default_model_path()
+    model = cpmjax.from_pretrained(model_dir, dtype=jnp.float32)
+    tokenizer = cpmjax.load_tokenizer(model_dir)
+    text, keys = stdlib_text("eval")
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    bos = tokenizer.bos_token_id
+    head = model.head_weight().astype(jnp.float32)
+    mesh = mesh_of()
+    graphdef, state = nnx.split(model)
+    methods = ["apb-query", "star"]
+    heads = None
+    if args.heads:
+        heads = RetainingHeads.load(args.heads)
+        methods.insert(1, "apb-retaining")
+    out = {"source": "Python stdlib files held out of cpmjax-tiny's training "
+                     "(cpmjax.train.data.split_files(eval_fraction=0.02)), concatenated in "
+                     "path order", "files": keys, "stream_tokens": int(ids.size),
+           "model": os.path.relpath(model_dir, ROOT), "hosts": HOSTS,
+           "query_len": args.query_len, "query_offset": 1, "rows": []}
+    print(f"[kl] {len(keys)} held-out stdlib files, {ids.size} tokens; model {model_dir}")
+
+    @jax.jit
+    def full_fn(state, tokens):
+        return full_hidden(nnx.merge(graphdef, state), tokens)
+
+    compiled: dict[Any, Any] = {}
+    for length in args.lengths:
+        win = length - 1  # <s> + win tokens = the input, + 1 token as the last target
+        count = min(args.samples, (ids.size - 1) // win)
+        inputs = np.stack([np.concatenate([[bos], ids[i * win:(i + 1) * win]])
+                           for i in range(count)]).astype(np.int32)
+        targets = np.stack([ids[i * win:(i + 1) * win + 1] for i in range(count)])
+        row_methods = methods + (["exact-limit"] if length == min(args.lengths) else [])
+        per_method: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in row_methods}
+        layout_info = {}
+        t0 = time.time()
+        for i in range(count):
+            tok = jnp.asarray(inputs[i : i + 1])
+            ref = full_fn(state, tok)[0]
+            for m in row_methods:
+                layout = layout_for(m, length, query_len=args.query_len)
+                layout_info[m] = dict(block_len=layout.block_len, anchor_len=layout.anchor_len,
+                                      passing_len=layout.passing_len)
+                scorer = {"apb-query": "query", "apb-retaining": heads,
+                          "exact-limit": _uniform_scores}.get(m, "query")
+                key = (m, length)
+                if key not in compiled:
+                    def fn(state, tokens, layout=layout, scorer=scorer):
+                        return distributed_hidden(nnx.merge(graphdef, state), tokens,
+                                                  mesh=mesh, layout=layout, scorer=scorer)
+                    compiled[key] = jax.jit(fn)
+                hid = compiled[key](state, tok)[0]
+                st = _logit_stats(head, ref, hid, jnp.asarray(targets[i]))
+                for k, v in st.items():
+                    per_method[m].setdefault(k, []).append(v)
+            print(f"[kl] L={length} window {i + 1}/{count} ({time.time() - t0:.0f}s)", flush=True)
+        blk = layout_for("star", length, query_len=args.query_len).block_len
+        c = length - args.query_len
+        regions = {"context after host 0": slice(blk, c), "query": slice(c, length)}
+        for m in row_methods:
+            cat = {k: np.stack(v) for k, v in per_method[m].items()}  # [windows, seq]
+            for region, sl in regions.items():
+                sub = {k: v[:, sl] for k, v in cat.items()}
+                kl = sub["kl"].mean(axis=1)  # per window
+                row = dict(
+                    length=length, method=m, region=region, windows=count,
+                    query_len=args.query_len,
+                    tokens=int(sub["kl"].size), **layout_info[m],
+                    kl_mean=float(sub["kl"].mean()),
+                    kl_window_std=float(kl.std(ddof=1)) if count > 1 else 0.0,
+                    kl_p90=float(np.quantile(sub["kl"], 0.9)),
+                    top1_agreement=float(sub["agree"].mean()),
+                    accuracy=float(sub["correct"].mean()),
+                    full_accuracy=float(sub["ref_correct"].mean()),
+                    nll=float(sub["nll"].mean()), full_nll=float(sub["ref_nll"].mean()),
+                )
+                out["rows"].append(row)
+    previous = report.get("kl", {})
+    if previous.get("model") == out["model"]:  # keep rows of lengths not re-run
+        kept = [r for r in previous.get("rows", []) if r["length"] not in args.lengths]
+        out["rows"] = sorted(kept + out["rows"], key=lambda r: r["length"])
+    report["kl"] = out
+    _print_kl(out)
+
+
+def _print_kl(out: dict) -> None:
+    print("\n### (a) KL(full || method) on held-out stdlib source, 8 hosts\n")
+    print("| L | query | method | region | block / anchor / passing | tokens | mean KL (nats) | "
+          "top-1 agree | acc (full) | acc (method) | NLL (full) | NLL (method) |")
+    print("|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in out["rows"]:
+        print(f"| {r['length']} | {r.get('query_len', 16)} | {r['method']} | {r['region']} | "
+              f"{r['block_len']} / "
+              f"{r['anchor_len']} / {r['passing_len']} | {r['tokens']} | {r['kl_mean']:.4f} | "
+              f"{r['top1_agreement']:.3f} | {r['full_accuracy']:.3f} | {r['accuracy']:.3f} | "
+              f"{r['full_nll']:.3f} | {r['nll']:.3f} |")
+
+
+# ----------------------------------------------------------------------------- part (b): KV
+
+
+def run_kv(args, report: dict) -> None:
+    from make_kv_retrieval import KVSpec, eval_example
+
+    import cpmjax
+    from sharding.apb import RetainingHeads
+
+    model = cpmjax.from_pretrained(args.kv_model, dtype=jnp.float32)
+    spec = KVSpec(args.num_keys, args.num_values, args.value_len)
+    mesh = mesh_of()
+    methods = {"full": ("local", {}),
+               "apb-query": ("apb", {"query_len": 2, "query_offset": 1, "scorer": "query"}),
+               "star": ("star", {"query_len": 2})}
+    if args.kv_heads:
+        methods["apb-retaining"] = ("apb", {"query_len": 2, "query_offset": 1,
+                                            "scorer": RetainingHeads.load(args.kv_heads)})
+    rng = np.random.default_rng(args.seed)
+    out = {"model": os.path.relpath(args.kv_model, ROOT), "hosts": HOSTS, "rows": [],
+           "spec": dict(num_keys=spec.num_keys, num_values=spec.num_values,
+                        value_len=spec.value_len)}
+    for pairs in args.kv_pairs:
+        examples = [eval_example(rng, spec, pairs) for _ in range(args.kv_samples)]
+        seq = examples[0].ids.size
+        blk = layout_for("star", seq, query_len=2).block_len
+        needle_host = np.array([ex.needle // blk for ex in examples])
+        answers = np.stack([ex.answer for ex in examples])
+        prompts = np.stack([ex.ids for ex in examples])
+        results: dict[str, np.ndarray] = {}
+        for name, (prefill, opts) in methods.items():
+            hits = []
+            t0 = time.time()
+            for s in range(0, len(examples), args.kv_batch):
+                res = cpmjax.generate(model, prompts[s:s + args.kv_batch], spec.value_len,
+                                      prefill=prefill, mesh=None if prefill == "local" else mesh,
+                                      prefill_options=opts or None)
+                got = np.asarray(res.tokens)[:, :spec.value_len]
+                hits.append(np.all(got == answers[s:s + args.kv_batch], axis=1))
+            hit = np.concatenate(hits)
+            results[name] = hit
+            lay = layout_for("star" if name == "star" else "apb-query", seq, query_len=2) \
+                if name != "full" else None
+            row = dict(pairs=pairs, seq=int(seq), method=name, n=int(hit.size),
+                       correct=int(hit.sum()), accuracy=float(hit.mean()),
+                       ci95=wilson_interval(int(hit.sum()), int(hit.size)),
+                       host0_correct=int(hit[needle_host == 0].sum()),
+                       host0_n=int((needle_host == 0).sum()),
+                       later_correct=int(hit[needle_host > 0].sum()),
+                       later_n=int((needle_host > 0).sum()),
+                       block_len=blk, anchor_len=None if lay is None else lay.anchor_len,
+                       passing_len=None if lay is None else lay.passing_len,
+                       seconds=time.time() - t0)
+            if name != "full":
+                row["delta_vs_full"], row["delta_ci95"] = paired_delta(hit, results["full"])
+            out["rows"].append(row)
+            print(f"[kv] pairs={pairs} {name}: {row['correct']}/{row['n']} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    report["kv"] = out
+    _print_kv(out)
+
+
+def _print_kv(out: dict) -> None:
+    print("\n### (b) key-value retrieval, exact match of the greedy value, 8 hosts\n")
+    print("| pairs | prompt tokens | block / anchor / passing | method | correct / n | accuracy | "
+          "95% CI (Wilson) | vs full (paired 95% CI) | needle on host 0 | on a later host |")
+    print("|---:|---:|---|---|---:|---:|---|---|---:|---:|")
+    for r in out["rows"]:
+        lo, hi = r["ci95"]
+        h0 = f"{r['host0_correct']}/{r['host0_n']}"
+        later = f"{r['later_correct']}/{r['later_n']}"
+        delta = "—"
+        if "delta_vs_full" in r:
+            dlo, dhi = r["delta_ci95"]
+            delta = (f"{100 * r['delta_vs_full']:+.1f} pts [{100 * dlo:+.1f}, "
+                     f"{100 * dhi:+.1f}]")
+        shape = "—" if r["anchor_len"] is None else \
+            f"{r['block_len']} / {r['anchor_len']} / {r['passing_len']}"
+        print(f"| {r['pairs']} | {r['seq']} | {shape} | {r['method']} | {r['correct']}/{r['n']} | "
+              f"{100 * r['accuracy']:.1f}% | [{100 * lo:.1f}, {100 * hi:.1f}] | {delta} | {h0} | "
+              f"{later} |")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("corpus", help="write the stdlib text of a split (retaining-head data)")
+    c.add_argument("--split", choices=["train", "eval"], default="train")
+    c.add_argument("--out", required=True)
+    t = sub.add_parser("tables", help="print the tables of a finished run's JSON")
+    t.add_argument("--json", default=os.path.join(ROOT, "docs/benchmarks/apb_quality.json"))
+    r = sub.add_parser("run", help="run the study")
+    r.add_argument("--parts", default="kl,kv")
+    r.add_argument("--model", default=None, help="HF dir for the KL part (default: bundled)")
+    r.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1024, 2048])
+    r.add_argument("--samples", type=int, default=6, help="windows per length")
+    r.add_argument("--query-len", type=int, default=16)
+    r.add_argument("--heads", default=None, help="retaining heads (.npz) of the KL model")
+    r.add_argument("--kv-model", default="runs/apb_quality/kv_model/hf")
+    r.add_argument("--kv-heads", default=None)
+    r.add_argument("--kv-pairs", type=lambda s: [int(x) for x in s.split(",")], default=[40, 80])
+    r.add_argument("--kv-samples", type=int, default=400)
+    r.add_argument("--kv-batch", type=int, default=50)
+    r.add_argument("--num-keys", type=int, default=128)
+    r.add_argument("--num-values", type=int, default=32)
+    r.add_argument("--value-len", type=int, default=2)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", default=os.path.join(ROOT, "docs/benchmarks/apb_quality.json"))
+    args = p.parse_args()
+    if args.cmd == "corpus":
+        text, keys = stdlib_text(args.split)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {len(keys)} files ({len(text)} chars) to {args.out}")
+        return
+    if args.cmd == "tables":
+        with open(args.json) as f:
+            report = json.load(f)
+        if "kl" in report:
+            _print_kl(report["kl"])
+        if "kv" in report:
+            _print_kv(report["kv"])
+        return
+    jax.config.update("jax_default_matmul_precision", "highest")
+    report: dict[str, Any] = {}
+    if os.path.isfile(args.json):
+        with open(args.json) as f:
+            report = json.load(f)
+    report["command"] = "python scripts/apb_quality.py run " + " ".join(sys.argv[2:])
+    parts = args.parts.split(",")
+    if "kl" in parts:
+        run_kl(args, report)
+    if "kv" in parts:
+        run_kv(args, report)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
