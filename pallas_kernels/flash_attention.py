@@ -837,11 +837,12 @@ _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 KERNELS = ("auto", "portable", "mosaic_gpu")
 
 
-def _cuda_hopper_or_newer() -> bool:
-    """True when the default device is an NVIDIA GPU of compute capability >= 9.0 (wgmma/TMA)."""
+def _cuda_hopper() -> bool:
+    """True when the default device is an NVIDIA Hopper GPU (compute capability 9.x): the kernels
+    use wgmma, which only sm_90a has (Blackwell's tensor-core instructions are different)."""
     capability = getattr(jax.devices()[0], "compute_capability", None)
     try:
-        return capability is not None and float(capability) >= 9.0
+        return capability is not None and 9.0 <= float(capability) < 10.0
     except (TypeError, ValueError):
         return False
 
@@ -855,9 +856,9 @@ def _select_kernel(kernel: str, dtypes: tuple[Any, ...], interpret: bool) -> str
     if kernel == "auto":
         if jax.default_backend() != "gpu" or interpret:
             kernel = "portable"
-        elif _cuda_hopper_or_newer():
+        elif _cuda_hopper():
             kernel = "mosaic_gpu"
-        else:  # pre-Hopper NVIDIA or a ROCm GPU: no Mosaic GPU kernels there
+        else:  # not Hopper (older or newer NVIDIA, ROCm): no kernels of ours there
             return "blockwise"
     half = {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}
     if kernel == "mosaic_gpu" and not (len(set(dtypes)) == 1 and jnp.dtype(dtypes[0]) in half):
@@ -896,7 +897,7 @@ def flash_attention(
         ``block_k >= 128`` and the head dims are <= 128).
       return_lse: also return the float32 log-sum-exp ``[batch, q_heads, q_len]``.
       interpret: run the kernels in a Pallas interpreter; ``None`` = on CPU only.
-      kernel: ``"auto"`` (Mosaic GPU kernels on an NVIDIA GPU of compute capability >= 9.0,
+      kernel: ``"auto"`` (Mosaic GPU kernels on an NVIDIA Hopper GPU, compute capability 9.x,
         the lax blockwise path on other GPUs, the portable kernels elsewhere),
         ``"portable"`` (one kernel pair for TPU, lowered by Mosaic TPU, and the CPU
         interpreter) or ``"mosaic_gpu"`` (Hopper kernels; with ``interpret`` they run in Pallas's

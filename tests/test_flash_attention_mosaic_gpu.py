@@ -195,13 +195,15 @@ def test_shared_memory_fits_hopper(dims, monkeypatch):
 
 @pytest.mark.parametrize(
     ("capability", "dtype", "expected"),
-    [("9.0", jnp.bfloat16, "mosaic_gpu"), ("10.0", jnp.float16, "mosaic_gpu"),
+    [("9.0", jnp.bfloat16, "mosaic_gpu"), ("9.0", jnp.float16, "mosaic_gpu"),
+     ("10.0", jnp.bfloat16, "blockwise"),
      ("9.0", jnp.float32, "blockwise"), ("8.0", jnp.bfloat16, "blockwise"),
      (None, jnp.bfloat16, "blockwise")],
 )
 def test_auto_kernel_choice_on_gpus(capability, dtype, expected, monkeypatch):
-    """"auto" on a GPU: Mosaic GPU kernels on Hopper or newer for half-precision inputs, the
-    lax path for float32, older NVIDIA GPUs and GPUs without a CUDA compute capability."""
+    """"auto" on a GPU: Mosaic GPU kernels on Hopper (9.x) for half-precision inputs, the lax
+    path for float32, other NVIDIA generations (the kernels use Hopper's wgmma) and GPUs without
+    a CUDA compute capability."""
     module = importlib.import_module("pallas_kernels.flash_attention")  # the module, not the fn
     device = types.SimpleNamespace(compute_capability=capability)
     monkeypatch.setattr(module.jax, "default_backend", lambda: "gpu")
