@@ -5,6 +5,7 @@ logits."""
 from __future__ import annotations
 
 import numpy as np
+import peft  # a test dependency (pyproject's test extra): a missing peft fails, never skips
 import pytest
 import torch
 from helpers import save_hf_model, tiny_llama_config
@@ -12,8 +13,6 @@ from helpers import save_hf_model, tiny_llama_config
 import cpmjax
 import cpmjax.delta as delta_api
 from cpmjax.errors import DeltaError
-
-peft = pytest.importorskip("peft")
 
 
 def _peft_model(base_dir, adapter_dir):
