@@ -181,6 +181,20 @@ def _loop(lo, hi, slots: int, fetch, compute, carry):
 # ----------------------------------------------------------------------------- forward kernel
 
 
+def _query_tile_mask(ctx, s, slot, shape, k_start, q_first, kv_len, causal, q_seg_rows):
+    """Mask of a ``(block_q, block_k)`` score tile in the kernels that own a query tile
+    (forward, dq): queries at ``q_first + i``, keys at ``k_start + j``; with segments
+    (``q_seg_rows`` set) waits for the key tile's segment ids in ``s["kv_seg"][slot]``."""
+    q_pos = ctx.iota(shape, 0) + q_first
+    k_pos = ctx.iota(shape, 1) + k_start
+    q_seg = kv_seg = None
+    if q_seg_rows is not None:
+        q_seg = _bcast_rows(q_seg_rows, shape)
+        plgpu.barrier_wait(s["bar_seg"].at[slot])
+        kv_seg = _bcast_cols(ctx.cols(s["kv_seg"].at[slot][...]), shape)
+    return _block_mask(q_pos, k_pos, kv_len, causal, 0, q_seg, kv_seg)
+
+
 def _fwd_kernel(*refs, scale, causal, kv_len, block_k, groups, has_segments, slots, interpret):
     """Inputs: meta [32] (meta[0] = q_offset), q [b, sq, hq, d], k^T [b, hkv, d, sk],
     v [b, sk, hkv, dv], optional q_seg [b, sq], kv_seg [b, sk]; outputs o [b, sq, hq, dv],
@@ -227,14 +241,8 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_k, groups, has_segments, slo
         row_max, row_sum, acc = carry
         plgpu.barrier_wait(s["bar_k"].at[slot])
         scores = _matmul(s["q"], s["kt"].at[slot], shape) * scale
-        q_pos = ctx.iota(shape, 0) + (q_start + q_offset)
-        k_pos = ctx.iota(shape, 1) + step * block_k
-        q_seg = kv_seg = None
-        if has_segments:
-            q_seg = _bcast_rows(q_seg_rows, shape)
-            plgpu.barrier_wait(s["bar_seg"].at[slot])
-            kv_seg = _bcast_cols(ctx.cols(s["kv_seg"].at[slot][...]), shape)
-        mask = _block_mask(q_pos, k_pos, kv_len, causal, 0, q_seg, kv_seg)
+        mask = _query_tile_mask(ctx, s, slot, shape, step * block_k, q_start + q_offset,
+                                kv_len, causal, q_seg_rows)
         scores = jnp.where(mask, scores, _MASK_VALUE)
         max_new = jnp.maximum(row_max, scores.max(axis=1))
         probs = jnp.where(mask, jnp.exp(scores - _bcast_rows(max_new, shape)), 0.0)
@@ -314,14 +322,8 @@ def _dq_kernel(*refs, scale, causal, kv_len, block_k, groups, has_segments, slot
     def compute(step, slot, dq):
         plgpu.barrier_wait(s["bar_kt"].at[slot])
         scores = _matmul(s["q"], s["kt"].at[slot], shape) * scale
-        q_pos = ctx.iota(shape, 0) + (q_start + q_offset)
-        k_pos = ctx.iota(shape, 1) + step * block_k
-        q_seg = kv_seg = None
-        if has_segments:
-            q_seg = _bcast_rows(q_seg_rows, shape)
-            plgpu.barrier_wait(s["bar_seg"].at[slot])
-            kv_seg = _bcast_cols(ctx.cols(s["kv_seg"].at[slot][...]), shape)
-        mask = _block_mask(q_pos, k_pos, kv_len, causal, 0, q_seg, kv_seg)
+        mask = _query_tile_mask(ctx, s, slot, shape, step * block_k, q_start + q_offset,
+                                kv_len, causal, q_seg_rows)
         probs = jnp.where(mask, jnp.exp(scores - _bcast_rows(lse_rows, shape)), 0.0)
         plgpu.barrier_wait(s["bar_vt"].at[slot])
         dp = _matmul(s["do"], s["vt"].at[slot], shape)
