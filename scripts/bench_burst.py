@@ -53,6 +53,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cpmjax.timing import median_seconds  # noqa: E402
 from sharding.burst import (  # noqa: E402
     burst_attention,
     choose_impl,
@@ -132,13 +133,7 @@ def bench_case(mesh, seq, q_heads, kv_heads, dim, impl, timed, repeats):
         row[f"{label}_xla_cost_flops"] = float((cost or {}).get("flops", -1.0))
         row[f"{label}_memory"] = memory_bytes(compiled)
         if timed:
-            jax.block_until_ready(compiled(*arrays))
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(compiled(*arrays))
-                times.append(time.perf_counter() - start)
-            row[f"{label}_seconds"] = statistics.median(times)
+            row[f"{label}_seconds"] = median_seconds(compiled, *arrays, repeats=repeats)
     if impl in ("burst", "ring", "allgather"):
         model = communication_bytes(impl, batch=1, seq_len=seq, q_heads=q_heads,
                                     kv_heads=kv_heads, qk_dim=dim, v_dim=dim, num_shards=8)

@@ -26,25 +26,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from cpmjax.timing import median_seconds
 from pallas_kernels import blockwise_attention, flash_attention, fr_lm_head_blockwise
 
 GIB = 1024**3
-
-
-def _median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _peak_bytes(compiled) -> int:
@@ -85,7 +74,7 @@ def bench_attention(seqs, repeats, naive_limit_gib):
             if name == "xla" and row[f"{name}_fwd_peak_bytes"] > naive_limit_gib * GIB:
                 row[f"{name}_fwd_seconds"] = None  # compiled, not run: over the memory limit
                 continue
-            row[f"{name}_fwd_seconds"] = _median_seconds(fwd, (q, k, v), repeats)
+            row[f"{name}_fwd_seconds"] = median_seconds(fwd, q, k, v, repeats=repeats)
         if row["xla_fwd_seconds"] is not None:
             row["time_ratio_xla_over_blockwise"] = (
                 row["xla_fwd_seconds"] / row["blockwise_fwd_seconds"]
@@ -114,8 +103,9 @@ def bench_pallas_interpret(repeats, seqs=(1024, 4096)):
         }
         for name, fn in impls.items():
             grad = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2))
-            row[f"{name}_fwd_seconds"] = _median_seconds(jax.jit(fn), (q, k, k), repeats)
-            row[f"{name}_fwd_bwd_seconds"] = _median_seconds(jax.jit(grad), (q, k, k), repeats)
+            row[f"{name}_fwd_seconds"] = median_seconds(jax.jit(fn), q, k, k, repeats=repeats)
+            row[f"{name}_fwd_bwd_seconds"] = median_seconds(jax.jit(grad), q, k, k,
+                                                            repeats=repeats)
         row["fwd_ratio"] = row["pallas_interpret_fwd_seconds"] / row["blockwise_fwd_seconds"]
         row["fwd_bwd_ratio"] = (
             row["pallas_interpret_fwd_bwd_seconds"] / row["blockwise_fwd_bwd_seconds"]
@@ -137,7 +127,7 @@ def bench_fr_head(repeats, vocab=128_256, hidden=2304, tokens=60, top_k=64):
 
     rows = []
     full = jax.jit(full_head).lower(states, weight).compile()
-    full_seconds = _median_seconds(full, (states, weight), repeats)
+    full_seconds = median_seconds(full, states, weight, repeats=repeats)
     rows.append({
         "head": "full (jnp.dot + top_k)", "rows": vocab, "seconds": full_seconds,
         "flops": 2 * tokens * vocab * hidden, "xla_flops": _flops(full),
@@ -151,7 +141,7 @@ def bench_fr_head(repeats, vocab=128_256, hidden=2304, tokens=60, top_k=64):
             ("subset jnp.dot + top_k", full_head),
         ):
             compiled = jax.jit(fn).lower(states, sub_weight).compile()
-            seconds = _median_seconds(compiled, (states, sub_weight), repeats)
+            seconds = median_seconds(compiled, states, sub_weight, repeats=repeats)
             rows.append({
                 "head": name, "rows": subset, "seconds": seconds,
                 "flops": 2 * tokens * subset * hidden, "xla_flops": _flops(compiled),

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,19 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-timing", action="store_true", help="correctness checks only")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
-
-
-def _median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _relative_error(actual, expected) -> float:
@@ -133,6 +118,7 @@ def time_attention(args: argparse.Namespace) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    from cpmjax.timing import median_seconds
     from pallas_kernels import flash_attention
 
     rows = []
@@ -160,9 +146,9 @@ def time_attention(args: argparse.Namespace) -> list[dict]:
 
                 row = {"seq": seq, "causal": causal, "impl": label}
                 try:
-                    fwd = _median_seconds(jax.jit(fn), (q, k, v), args.repeats)
-                    both = _median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
-                                           (q, k, v), args.repeats)
+                    fwd = median_seconds(jax.jit(fn), q, k, v, repeats=args.repeats, warmup=2)
+                    both = median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+                                          q, k, v, repeats=args.repeats, warmup=2)
                     row.update(fwd_ms=fwd * 1e3, fwd_tflops=flops / fwd / 1e12,
                                fwd_bwd_ms=both * 1e3, fwd_bwd_tflops=3.5 * flops / both / 1e12)
                 except Exception as error:
@@ -176,6 +162,7 @@ def time_fr_head(args: argparse.Namespace) -> list[dict]:
     import jax.numpy as jnp
     from jax import lax
 
+    from cpmjax.timing import median_seconds
     from pallas_kernels import fr_lm_head
 
     keys = jax.random.split(jax.random.key(2), 3)
@@ -193,10 +180,10 @@ def time_fr_head(args: argparse.Namespace) -> list[dict]:
         return fr_lm_head(h, w, top_k=64)
 
     rows = []
-    base = _median_seconds(jax.jit(dense), (hidden, weight), args.repeats)
+    base = median_seconds(jax.jit(dense), hidden, weight, repeats=args.repeats, warmup=2)
     rows.append({"impl": "jnp.dot+top_k full vocab", "rows": args.fr_vocab, "ms": base * 1e3})
     for label, w in (("fr_lm_head full vocab", weight), ("fr_lm_head subset", sub_weight)):
-        seconds = _median_seconds(jax.jit(fr), (hidden, w), args.repeats)
+        seconds = median_seconds(jax.jit(fr), hidden, w, repeats=args.repeats, warmup=2)
         rows.append({"impl": label, "rows": int(w.shape[0]), "ms": seconds * 1e3,
                      "ratio_vs_dense": seconds / base})
     return rows

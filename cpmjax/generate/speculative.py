@@ -61,6 +61,7 @@ from cpmjax.generate.sampler import (
     validate_request,
 )
 from cpmjax.models import CausalLM
+from cpmjax.timing import median_seconds
 
 METHODS = ("eagle2", "frspec")
 
@@ -421,16 +422,6 @@ def _verify_phase_fn(tgraph, dgraph, st, iterations, tstate, dstate, head, subse
     return jax.lax.fori_loop(0, iterations, body, (tree.tokens, carry["tcache"]))[0]
 
 
-def _time(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 # ----------------------------------------------------------------------------------------------
 def speculative_generate(
     model: CausalLM,
@@ -554,7 +545,7 @@ def _time_phases(compiled, stats, tgraph, dgraph, st, tstate, dstate, head, subs
     for name, fn in (("draft", _draft_phase_fn), ("verify", _verify_phase_fn)):
         executable, _ = compiled.get((f"{name}-phase", batch, st, scored, iterations),
                                      partial(fn, tgraph, dgraph, st, iterations), *args)
-        seconds = _time(executable, *args, repeats=3) / iterations
+        seconds = median_seconds(executable, *args, repeats=3) / iterations
         setattr(stats, f"{name}_seconds", seconds)
     per_iteration = stats.decode_seconds / stats.loop_iterations
     stats.draft_share = stats.draft_seconds / per_iteration
