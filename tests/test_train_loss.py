@@ -93,6 +93,37 @@ def test_pack_rows_segments_positions_mask():
     np.testing.assert_array_equal(batch["loss_mask"], [[1, 1, 0, 1, 1, 1, 0, 1, 1]])
 
 
+def test_pack_rows_loss_after_marker():
+    """``loss_after_id``: per document, only targets after its first marker count; a row that
+    starts inside a document counts from its first marker in the row."""
+    bos, eos, q = 1, 2, 3
+    window = np.array([[7, q, 8, eos, bos, 5, 6, q, 9, q, 4, eos, bos, 6, 6]])
+    batch = pack_rows(window, bos_id=bos, loss_after_id=q)
+    #   inputs:  7  q  8 eos bos 5  6  q  9  q  4 eos bos 6
+    #   targets: q  8 eos bos 5  6  q  9  q  4 eos bos 6  6
+    np.testing.assert_array_equal(batch["loss_mask"],
+                                  [[0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0]])
+    # without a marker the mask is the plain one
+    plain = pack_rows(window, bos_id=bos)["loss_mask"]
+    assert plain.sum() == 12
+
+
+def test_marker_token_id_must_be_one_token():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cpmjax.errors import ConfigError
+    from cpmjax.train.loop import marker_token_id
+
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, "?": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    assert marker_token_id(tok, None) is None
+    assert marker_token_id(tok, "?") == 1
+    with pytest.raises(ConfigError, match="'a b'"):
+        marker_token_id(tok, "a b")
+
+
 def test_packed_documents_do_not_attend_across():
     """Per-token losses of two packed documents equal those of each document run alone."""
     config = ModelConfig(model_type="minicpm", vocab_size=32, hidden_size=32,

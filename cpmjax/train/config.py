@@ -46,6 +46,9 @@ class DataConfig(_Section):
     batch_size: int = 8
     shuffle: bool = True
     cache_dir: str | None = None  # default: <out_dir>/data
+    # a token (one tokenizer token): the loss counts only the targets after its first
+    # occurrence in each document (prompt/answer data); None: every target counts
+    loss_after: str | None = None
 
 
 class OptimConfig(_Section):

@@ -189,14 +189,17 @@ def open_memmap(path: str | os.PathLike) -> np.memmap:
 
 # ----------------------------------------------------------------------------------------------
 # batches
-def pack_rows(windows: np.ndarray, bos_id: int | None, pad_id: int | None = None
-              ) -> dict[str, np.ndarray]:
+def pack_rows(windows: np.ndarray, bos_id: int | None, pad_id: int | None = None,
+              loss_after_id: int | None = None) -> dict[str, np.ndarray]:
     """Turn ``windows [batch, seq+1]`` of the token stream into a training batch.
 
     Returns ``input_ids, targets, segment_ids, positions [batch, seq]`` (int32) and
     ``loss_mask [batch, seq]`` (float32): a new segment starts at every BOS; positions count
     from 0 at each segment start (and at the row start); a target that is a BOS (the jump into
-    the next document) or a pad is masked out."""
+    the next document) or a pad is masked out. With ``loss_after_id`` only the targets that
+    follow the first ``loss_after_id`` token of their segment count (the marker's own next
+    token included): prompt/answer training, where the prompt is context to attend to but not
+    to predict. A row that starts inside a document counts from its first marker."""
     windows = windows.astype(np.int32)
     inputs, targets = windows[:, :-1], windows[:, 1:]
     b, s = inputs.shape
@@ -213,6 +216,9 @@ def pack_rows(windows: np.ndarray, bos_id: int | None, pad_id: int | None = None
         mask[targets == bos_id] = 0.0
     if pad_id is not None:
         mask[targets == pad_id] = 0.0
+    if loss_after_id is not None:
+        last_marker = np.maximum.accumulate(np.where(inputs == loss_after_id, idx, -1), axis=1)
+        mask[last_marker < seg_start] = 0.0
     return {
         "input_ids": inputs,
         "targets": targets,
@@ -231,13 +237,15 @@ class PackedBatches:
     ``restore()``); batch ``i`` of epoch ``e`` is the same on every machine and every run."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
-                 shuffle: bool = True, bos_id: int | None = None, pad_id: int | None = None):
+                 shuffle: bool = True, bos_id: int | None = None, pad_id: int | None = None,
+                 loss_after_id: int | None = None):
         self.tokens = tokens
         self.batch_size = int(batch_size)
         self.seq_len = int(seq_len)
         self.seed = int(seed)
         self.shuffle = shuffle
         self.bos_id, self.pad_id = bos_id, pad_id
+        self.loss_after_id = loss_after_id
         self.num_windows = (tokens.size - 1) // self.seq_len
         self.batches_per_epoch = self.num_windows // self.batch_size
         if self.batches_per_epoch < 1:
@@ -285,7 +293,7 @@ class PackedBatches:
         order = self._permutation()
         ids = order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
         self.batch += 1
-        return pack_rows(self.windows(ids), self.bos_id, self.pad_id)
+        return pack_rows(self.windows(ids), self.bos_id, self.pad_id, self.loss_after_id)
 
     def fixed_batches(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first ``count`` batches in stream order (evaluation), without moving."""
@@ -293,5 +301,5 @@ class PackedBatches:
         out = []
         for i in range(count):
             ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
-            out.append(pack_rows(self.windows(ids), self.bos_id, self.pad_id))
+            out.append(pack_rows(self.windows(ids), self.bos_id, self.pad_id, self.loss_after_id))
         return out

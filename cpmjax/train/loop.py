@@ -385,6 +385,23 @@ def _pin_to_mesh(state: Any, mesh: Any) -> tuple[Any, Any]:
     return state, jax.tree.map(lambda x: x.sharding, state)
 
 
+def marker_token_id(tokenizer: Any, marker: str | None) -> int | None:
+    """The id of ``data.loss_after``: the marker must be one token of the tokenizer (a
+    vocabulary entry, or text that encodes to exactly one id)."""
+    if marker is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    if marker in vocab:
+        return int(vocab[marker])
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ConfigError(
+            f"data.loss_after={marker!r} is not one token of the tokenizer (it encodes to "
+            f"{len(ids)} ids {list(ids)[:8]}); pick a single-token marker"
+        )
+    return int(ids[0])
+
+
 def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     """Run (or resume) the training described by ``config``; returns the losses of the steps
     this call ran. A NaN/inf loss raises ``NonFiniteLossError`` before anything is saved, so
@@ -396,15 +413,18 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     os.makedirs(run.out_dir, exist_ok=True)
     dump_config(config, os.path.join(run.out_dir, "config.yaml"))
     tokenizer, train_tokens, eval_tokens = prepare_data(config)
+    loss_after_id = marker_token_id(tokenizer, config.data.loss_after)
     batches = PackedBatches(train_tokens, config.data.batch_size, config.data.seq_len,
                             seed=run.seed, shuffle=config.data.shuffle,
-                            bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id)
+                            bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id,
+                            loss_after_id=loss_after_id)
     eval_batches = []
     if eval_tokens is not None and run.eval_batches > 0:
         try:
             eval_batches = PackedBatches(
                 eval_tokens, config.data.batch_size, config.data.seq_len, shuffle=False,
                 bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id,
+                loss_after_id=loss_after_id,
             ).fixed_batches(run.eval_batches)
         except ConfigError:
             eval_batches = []
