@@ -36,6 +36,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -324,7 +325,7 @@ def _print_kl(out: dict) -> None:
 
 
 def run_kv(args, report: dict) -> None:
-    from make_kv_retrieval import KVSpec, eval_example
+    from make_kv_retrieval import KVSpec, eval_example, straddling_pairs
 
     import cpmjax
     from sharding.apb import RetainingHeads
@@ -342,11 +343,19 @@ def run_kv(args, report: dict) -> None:
     out = {"model": os.path.relpath(args.kv_model, ROOT), "hosts": HOSTS, "rows": [],
            "spec": dict(num_keys=spec.num_keys, num_values=spec.num_values,
                         value_len=spec.value_len)}
-    for pairs in args.kv_pairs:
-        examples = [eval_example(rng, spec, pairs) for _ in range(args.kv_samples)]
-        seq = examples[0].ids.size
+    for pairs, placement in itertools.product(args.kv_pairs, args.kv_needle):
+        seq = 1 + pairs * spec.pair_len + 2
         blk = layout_for("star", seq, query_len=2).block_len
+        straddling = straddling_pairs(spec, pairs, blk)
+        if placement == "boundary":
+            if straddling.size == 0:
+                raise SystemExit(f"no pair of {pairs} straddles a block of {blk} tokens")
+            examples = [eval_example(rng, spec, pairs, needle_pair=int(rng.choice(straddling)))
+                        for _ in range(args.kv_samples)]
+        else:
+            examples = [eval_example(rng, spec, pairs) for _ in range(args.kv_samples)]
         needle_host = np.array([ex.needle // blk for ex in examples])
+        straddle = np.isin([(ex.needle - 1) // spec.pair_len for ex in examples], straddling)
         answers = np.stack([ex.answer for ex in examples])
         prompts = np.stack([ex.ids for ex in examples])
         results: dict[str, np.ndarray] = {}
@@ -363,20 +372,23 @@ def run_kv(args, report: dict) -> None:
             results[name] = hit
             lay = layout_for("star" if name == "star" else "apb-query", seq, query_len=2) \
                 if name != "full" else None
-            row = dict(pairs=pairs, seq=int(seq), method=name, n=int(hit.size),
+            row = dict(pairs=pairs, seq=int(seq), placement=placement, method=name,
+                       n=int(hit.size),
                        correct=int(hit.sum()), accuracy=float(hit.mean()),
                        ci95=wilson_interval(int(hit.sum()), int(hit.size)),
                        host0_correct=int(hit[needle_host == 0].sum()),
                        host0_n=int((needle_host == 0).sum()),
                        later_correct=int(hit[needle_host > 0].sum()),
                        later_n=int((needle_host > 0).sum()),
+                       straddle_correct=int(hit[straddle].sum()),
+                       straddle_n=int(straddle.sum()),
                        block_len=blk, anchor_len=None if lay is None else lay.anchor_len,
                        passing_len=None if lay is None else lay.passing_len,
                        seconds=time.time() - t0)
             if name != "full":
                 row["delta_vs_full"], row["delta_ci95"] = paired_delta(hit, results["full"])
             out["rows"].append(row)
-            print(f"[kv] pairs={pairs} {name}: {row['correct']}/{row['n']} "
+            print(f"[kv] pairs={pairs} {placement} {name}: {row['correct']}/{row['n']} "
                   f"({time.time() - t0:.0f}s)", flush=True)
     report["kv"] = out
     _print_kv(out)
@@ -384,13 +396,15 @@ def run_kv(args, report: dict) -> None:
 
 def _print_kv(out: dict) -> None:
     print("\n### (b) key-value retrieval, exact match of the greedy value, 8 hosts\n")
-    print("| pairs | prompt tokens | block / anchor / passing | method | correct / n | accuracy | "
-          "95% CI (Wilson) | vs full (paired 95% CI) | needle on host 0 | on a later host |")
-    print("|---:|---:|---|---|---:|---:|---|---|---:|---:|")
+    print("| pairs | prompt tokens | needle | block / anchor / passing | method | correct / n | "
+          "accuracy | 95% CI (Wilson) | vs full (paired 95% CI) | needle on host 0 | "
+          "on a later host | straddling a boundary |")
+    print("|---:|---:|---|---|---|---:|---:|---|---|---:|---:|---:|")
     for r in out["rows"]:
         lo, hi = r["ci95"]
         h0 = f"{r['host0_correct']}/{r['host0_n']}"
         later = f"{r['later_correct']}/{r['later_n']}"
+        strad = f"{r.get('straddle_correct', '?')}/{r.get('straddle_n', '?')}"
         delta = "—"
         if "delta_vs_full" in r:
             dlo, dhi = r["delta_ci95"]
@@ -398,9 +412,9 @@ def _print_kv(out: dict) -> None:
                      f"{100 * dhi:+.1f}]")
         shape = "—" if r["anchor_len"] is None else \
             f"{r['block_len']} / {r['anchor_len']} / {r['passing_len']}"
-        print(f"| {r['pairs']} | {r['seq']} | {shape} | {r['method']} | {r['correct']}/{r['n']} | "
-              f"{100 * r['accuracy']:.1f}% | [{100 * lo:.1f}, {100 * hi:.1f}] | {delta} | {h0} | "
-              f"{later} |")
+        print(f"| {r['pairs']} | {r['seq']} | {r.get('placement', 'random')} | {shape} | "
+              f"{r['method']} | {r['correct']}/{r['n']} | {100 * r['accuracy']:.1f}% | "
+              f"[{100 * lo:.1f}, {100 * hi:.1f}] | {delta} | {h0} | {later} | {strad} |")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -424,12 +438,16 @@ def main() -> None:
     r.add_argument("--heads", default=None, help="retaining heads (.npz) of the KL model")
     r.add_argument("--kv-model", default="runs/apb_quality/kv_model/hf")
     r.add_argument("--kv-heads", default=None)
-    r.add_argument("--kv-pairs", type=lambda s: [int(x) for x in s.split(",")], default=[40, 80])
+    r.add_argument("--kv-pairs", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[60, 120])
+    r.add_argument("--kv-needle", type=lambda s: s.split(","), default=["random", "boundary"],
+                   help="needle placements: random (uniform over the pairs) and/or boundary "
+                        "(a pair whose key and value sit on two hosts)")
     r.add_argument("--kv-samples", type=int, default=400)
     r.add_argument("--kv-batch", type=int, default=50)
     r.add_argument("--num-keys", type=int, default=128)
-    r.add_argument("--num-values", type=int, default=32)
-    r.add_argument("--value-len", type=int, default=2)
+    r.add_argument("--num-values", type=int, default=64)
+    r.add_argument("--value-len", type=int, default=1)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", default=os.path.join(ROOT, "docs/benchmarks/apb_quality.json"))
     args = p.parse_args()

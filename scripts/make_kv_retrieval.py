@@ -131,6 +131,15 @@ def eval_example(rng: np.random.Generator, spec: KVSpec, num_pairs: int,
     return KVExample(ids=ids, answer=answer, needle=1 + i * spec.pair_len)
 
 
+def straddling_pairs(spec: KVSpec, num_pairs: int, block_len: int) -> np.ndarray:
+    """Indices of the pairs of an evaluation prompt (``<s>`` at position 0, pair ``i`` at
+    ``1 + i * pair_len``) whose tokens span a boundary between two blocks of ``block_len``:
+    the key on one host, (part of) its value on the next."""
+    first = 1 + np.arange(num_pairs) * spec.pair_len
+    last = first + spec.pair_len - 1
+    return np.flatnonzero(first // block_len != last // block_len)
+
+
 def make_tokenizer(spec: KVSpec, out_dir: str):
     """Write the word-level HF tokenizer directory; returns the fast tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -139,3 +139,17 @@ def test_logit_stats_chunks_match_direct_computation():
     np.testing.assert_allclose(got["nll"], -lsm[np.arange(21), np.asarray(targets)], rtol=1e-5)
     np.testing.assert_array_equal(got["agree"], logits.argmax(-1) == ref_logits.argmax(-1))
     np.testing.assert_array_equal(got["ref_correct"], ref_logits.argmax(-1) == targets)
+
+
+def test_straddling_pairs_span_a_block_boundary():
+    spec = kv.KVSpec(num_keys=100, num_values=8, value_len=1)
+    pairs, blk = 40, 13
+    got = kv.straddling_pairs(spec, pairs, blk)
+    brute = [i for i in range(pairs)
+             if len({p // blk for p in range(1 + 2 * i, 3 + 2 * i)}) == 2]
+    np.testing.assert_array_equal(got, brute)
+    assert got.size > 0
+    spec3 = kv.KVSpec(num_keys=100, num_values=8, value_len=3)
+    got3 = kv.straddling_pairs(spec3, 20, 10)
+    brute3 = [i for i in range(20) if len({p // 10 for p in range(1 + 4 * i, 5 + 4 * i)}) == 2]
+    np.testing.assert_array_equal(got3, brute3)
