@@ -60,8 +60,8 @@ def test_default_backend_is_blockwise_for_long_keys(monkeypatch):
     ref = ops.xla_attention(q, k, v, causal=True, segment_ids=seg)
     for length, uses_scan in [(70, True), (40, False)]:
         args = (q[:, :length], k[:, :length], v[:, :length])
-        jaxpr = str(jax.make_jaxpr(lambda q, k, v: ops.attention(
-            q, k, v, causal=True, segment_ids=seg[:, :length]))(*args))
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v, s=seg[:, :length]: ops.attention(
+            q, k, v, causal=True, segment_ids=s))(*args))
         assert ("scan" in jaxpr) == uses_scan, length
     out = ops.attention(q, k, v, causal=True, segment_ids=seg)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
