@@ -359,7 +359,10 @@ def run_kv(args, report: dict) -> None:
         answers = np.stack([ex.answer for ex in examples])
         prompts = np.stack([ex.ids for ex in examples])
         results: dict[str, np.ndarray] = {}
-        for name, (prefill, opts) in methods.items():
+        apb_anchor = layout_for("apb-query", seq, query_len=2).anchor_len
+        # Star with APB's short anchor: separates "a short anchor" from "the query in the anchor"
+        short = {"star-short-anchor": ("star", {"query_len": 2, "anchor_len": apb_anchor})}
+        for name, (prefill, opts) in {**methods, **short}.items():
             hits = []
             t0 = time.time()
             for s in range(0, len(examples), args.kv_batch):
@@ -370,8 +373,8 @@ def run_kv(args, report: dict) -> None:
                 hits.append(np.all(got == answers[s:s + args.kv_batch], axis=1))
             hit = np.concatenate(hits)
             results[name] = hit
-            lay = layout_for("star" if name == "star" else "apb-query", seq, query_len=2) \
-                if name != "full" else None
+            lay = None if name == "full" else layout_for(
+                "star" if name == "star" else "apb-query", seq, query_len=2)
             row = dict(pairs=pairs, seq=int(seq), placement=placement, method=name,
                        n=int(hit.size),
                        correct=int(hit.sum()), accuracy=float(hit.mean()),
@@ -383,7 +386,8 @@ def run_kv(args, report: dict) -> None:
                        straddle_correct=int(hit[straddle].sum()),
                        straddle_n=int(straddle.sum()),
                        block_len=blk, anchor_len=None if lay is None else lay.anchor_len,
-                       passing_len=None if lay is None else lay.passing_len,
+                       passing_len=None if lay is None else (
+                           0 if name.startswith("star") else lay.passing_len),
                        seconds=time.time() - t0)
             if name != "full":
                 row["delta_vs_full"], row["delta_ci95"] = paired_delta(hit, results["full"])

@@ -18,9 +18,16 @@ The tokenizer is word level (``tokenizers.models.WordLevel`` on whitespace): the
 ``<unk> <s> </s> <pad>`` (ids 0-3, the MiniCPM ids), then ``? .``, the keys, the values. It is
 saved as an HF tokenizer directory that ``cpmjax.load_tokenizer`` loads offline.
 
-Usage (what ``configs/kv-retrieval.yaml`` reads)::
+- with ``--query-first F`` a fraction ``F`` of the training documents state their first question
+  before the context (``<s> ? k902 k17 v3 ...``), as long-context prompts often do: APB embeds the
+  query in its anchor, right after ``<s>``, so every host's context sees it there.
 
-    python scripts/make_kv_retrieval.py --out runs/apb_quality/kv_data --docs 8000 --seq-len 256 --queries 16
+Usage (what ``configs/kv-retrieval.yaml`` and ``configs/kv-retrieval-qfirst.yaml`` read)::
+
+    python scripts/make_kv_retrieval.py --out runs/apb_quality/kv_data_v1 --docs 20000 \
+        --value-len 1 --num-values 64 --max-pairs 120
+    python scripts/make_kv_retrieval.py --out runs/apb_quality/kv_data_qfirst --docs 8000 \
+        --value-len 1 --num-values 64 --max-pairs 120 --query-first 0.5 --seed 1
 """
 
 from __future__ import annotations
@@ -89,15 +96,18 @@ def context_ids(spec: KVSpec, keys: np.ndarray, values: np.ndarray) -> np.ndarra
 
 def training_document(rng: np.random.Generator, spec: KVSpec, seq_len: int,
                       num_queries: int | None = None, min_pairs: int | None = None,
-                      max_pairs: int | None = None) -> str:
+                      max_pairs: int | None = None, query_first: bool = False) -> str:
     """One training document of exactly ``seq_len`` tokens (``<s>``/``</s>`` included) as
     whitespace-separated words (``<s>``/``</s>`` are added by the packer, not written).
 
     With ``num_queries``: as many pairs as fit before that many questions. Otherwise the number
     of pairs is drawn uniformly from ``[min_pairs, max_pairs]`` and questions fill the rest
     (keys drawn with replacement when there are more questions than pairs): short contexts with
-    many questions give a dense retrieval signal, long ones the long-context case."""
-    body = seq_len - 2
+    many questions give a dense retrieval signal, long ones the long-context case.
+
+    ``query_first``: the document opens with its first question's ``? key`` (2 tokens) before
+    the pairs."""
+    body = seq_len - 2 - (2 if query_first else 0)
     q_len = 2 + spec.value_len
     if num_queries is not None:
         num_pairs = (body - num_queries * q_len) // spec.pair_len
@@ -110,10 +120,10 @@ def training_document(rng: np.random.Generator, spec: KVSpec, seq_len: int,
         raise ValueError(f"seq_len={seq_len} does not fit {num_pairs} pairs and "
                          f"{num_queries} questions")
     keys, values = sample_pairs(rng, spec, num_pairs)
-    words = []
+    asked = rng.choice(num_pairs, size=num_queries, replace=num_queries > num_pairs)
+    words = [QUESTION, f"k{keys[asked[0]]}"] if query_first else []
     for key, value in zip(keys, values, strict=True):
         words += [f"k{key}"] + [f"v{x}" for x in value]
-    asked = rng.choice(num_pairs, size=num_queries, replace=num_queries > num_pairs)
     for i in asked:
         words += [QUESTION, f"k{keys[i]}"] + [f"v{x}" for x in values[i]]
     words += [FILLER] * (body - num_pairs * spec.pair_len - num_queries * q_len)
@@ -160,15 +170,18 @@ def make_tokenizer(spec: KVSpec, out_dir: str):
 
 def write_corpus(out: str, *, docs: int, seq_len: int, spec: KVSpec, num_queries: int | None = None,
                  min_pairs: int | None = None, max_pairs: int | None = None,
-                 seed: int = 0) -> None:
-    """``out/tokenizer`` (HF directory) and ``out/docs/NNNNNN.txt`` (one document each)."""
+                 seed: int = 0, query_first: float = 0.0) -> None:
+    """``out/tokenizer`` (HF directory) and ``out/docs/NNNNNN.txt`` (one document each); a
+    fraction ``query_first`` of the documents opens with its first question."""
     make_tokenizer(spec, os.path.join(out, "tokenizer"))
     doc_dir = os.path.join(out, "docs")
     os.makedirs(doc_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     for d in range(docs):
         with open(os.path.join(doc_dir, f"{d:06d}.txt"), "w") as f:
-            f.write(training_document(rng, spec, seq_len, num_queries, min_pairs, max_pairs))
+            first = bool(rng.random() < query_first)
+            f.write(training_document(rng, spec, seq_len, num_queries, min_pairs, max_pairs,
+                                      query_first=first))
 
 
 def main() -> None:
@@ -184,10 +197,13 @@ def main() -> None:
     p.add_argument("--num-values", type=int, default=32)
     p.add_argument("--value-len", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query-first", type=float, default=0.0,
+                   help="fraction of documents that state their first question before the pairs")
     a = p.parse_args()
     spec = KVSpec(a.num_keys, a.num_values, a.value_len)
     write_corpus(a.out, docs=a.docs, seq_len=a.seq_len, spec=spec, num_queries=a.queries,
-                 min_pairs=a.min_pairs, max_pairs=a.max_pairs, seed=a.seed)
+                 min_pairs=a.min_pairs, max_pairs=a.max_pairs, seed=a.seed,
+                 query_first=a.query_first)
     print(f"wrote {a.docs} documents of {a.seq_len} tokens and a {len(spec.vocab)}-token "
           f"tokenizer to {a.out}")
 

@@ -141,6 +141,20 @@ def test_logit_stats_chunks_match_direct_computation():
     np.testing.assert_array_equal(got["ref_correct"], ref_logits.argmax(-1) == targets)
 
 
+def test_query_first_document_opens_with_an_asked_question():
+    spec = kv.KVSpec(num_keys=200, num_values=16, value_len=1)
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        words = kv.training_document(rng, spec, seq_len=96, min_pairs=4, max_pairs=20,
+                                     query_first=True).split()
+        assert len(words) == 94 and words[0] == "?"
+        body = words[2:]
+        first_q = body.index("?")
+        pairs = {body[i]: body[i + 1] for i in range(0, first_q, 2)}
+        asked = [body[i + 1] for i, w in enumerate(body) if w == "?"]
+        assert words[1] == asked[0] and words[1] in pairs  # the first question, restated
+
+
 def test_straddling_pairs_span_a_block_boundary():
     spec = kv.KVSpec(num_keys=100, num_values=8, value_len=1)
     pairs, blk = 40, 13
