@@ -362,7 +362,13 @@ def run_kv(args, report: dict) -> None:
         apb_anchor = layout_for("apb-query", seq, query_len=2).anchor_len
         # Star with APB's short anchor: separates "a short anchor" from "the query in the anchor"
         short = {"star-short-anchor": ("star", {"query_len": 2, "anchor_len": apb_anchor})}
-        for name, (prefill, opts) in {**methods, **short}.items():
+        # APB with longer passing blocks (a fraction of the block): how much of the gap to full
+        # attention is compression; passing the whole block leaves only the embedded query
+        wider = {f"apb-query-pass{f:g}": ("apb", {"query_len": 2, "query_offset": 1,
+                                                  "scorer": "query",
+                                                  "passing_len": round(blk * f)})
+                 for f in args.kv_passing}
+        for name, (prefill, opts) in {**methods, **short, **wider}.items():
             hits = []
             t0 = time.time()
             for s in range(0, len(examples), args.kv_batch):
@@ -387,7 +393,8 @@ def run_kv(args, report: dict) -> None:
                        straddle_n=int(straddle.sum()),
                        block_len=blk, anchor_len=None if lay is None else lay.anchor_len,
                        passing_len=None if lay is None else (
-                           0 if name.startswith("star") else lay.passing_len),
+                           0 if name.startswith("star")
+                           else opts.get("passing_len", lay.passing_len)),
                        seconds=time.time() - t0)
             if name != "full":
                 row["delta_vs_full"], row["delta_ci95"] = paired_delta(hit, results["full"])
@@ -444,6 +451,8 @@ def main() -> None:
     r.add_argument("--kv-heads", default=None)
     r.add_argument("--kv-pairs", type=lambda s: [int(x) for x in s.split(",")],
                    default=[60, 120])
+    r.add_argument("--kv-passing", type=lambda s: [float(x) for x in s.split(",") if x],
+                   default=[], help="extra APB rows with passing_len = FRACTION x block_len")
     r.add_argument("--kv-needle", type=lambda s: s.split(","), default=["random", "boundary"],
                    help="needle placements: random (uniform over the pairs) and/or boundary "
                         "(a pair whose key and value sit on two hosts)")
