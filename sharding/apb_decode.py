@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cpmjax.errors import ConfigError, ShapeMismatchError, ShardingError
 from sharding.apb import APBLayout, _axis_size, make_method_layout
 
-__all__ = ["apb_prefill", "decode_attention", "masked_attention_lse"]
+__all__ = ["apb_prefill", "decode_attention", "masked_attention_lse", "sharded_cache_transform"]
 
 
 def masked_attention_lse(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -151,6 +151,34 @@ def apb_prefill(
         last = hidden[:, int(layout.local_rows()[-1])]
         return ops.lm_head(last, model.head_weight()), cache, layout
     q_pos = jnp.broadcast_to(jnp.arange(c, seq, dtype=jnp.int32), (b, query_len))
-    logits, cache = model(jnp.asarray(tokens)[:, c:], positions=q_pos, cache=cache,
-                          attend_cache=True, rope_seq_len=seq)
+    with ops.attention_transform(sharded_cache_transform(mesh, axis, cache_len)):
+        logits, cache = model(jnp.asarray(tokens)[:, c:], positions=q_pos, cache=cache,
+                              attend_cache=True, rope_seq_len=seq)
     return logits[:, -1], cache, layout
+
+
+def sharded_cache_transform(mesh: Mesh, axis: str, cache_len: int
+                            ) -> Callable[[Callable[..., jax.Array]], Callable[..., jax.Array]]:
+    """An ``ops.attention_transform`` that sends attention of new tokens to the whole
+    sequence-sharded cache through :func:`decode_attention` (every host attends to its own
+    shard, the partials merged by log-sum-exp: Star Attention's phase 2) instead of the
+    generic masked attention. It takes the calls a model makes with ``attend_cache`` and no
+    explicit mask (keys = the ``cache_len`` cache slots, slot ``j`` visible iff ``j <=
+    q_position``); every other call goes to the wrapped implementation unchanged."""
+    hosts = _axis_size(mesh, axis)
+
+    def transform(impl: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        def wrapped(q, k, v, **kw):
+            qpos = kw.get("q_positions")
+            takes = (qpos is not None and kw.get("kv_positions") is not None
+                     and kw.get("mask") is None and kw.get("causal", True)
+                     and kw.get("segment_ids") is None and kw.get("kv_segment_ids") is None
+                     and kw.get("backend") is None and k.shape[1] == cache_len
+                     and cache_len % hosts == 0 and qpos.shape == q.shape[:2])
+            if not takes:
+                return impl(q, k, v, **kw)
+            return decode_attention(q, k, v, mesh=mesh, q_positions=qpos, axis=axis,
+                                    sm_scale=kw.get("sm_scale"))
+        return wrapped
+
+    return transform

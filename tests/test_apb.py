@@ -246,3 +246,37 @@ def test_model_prefill_on_expanded_layout():
     # deeper layers differ after host 0's block (approximate attention there)
     assert float(jnp.max(jnp.abs(cache[1]["k"][:, 6:41] - want_cache[1]["k"][:, 6:41]))) > 1e-4
     _close(cache[1]["k"][:, :6], want_cache[1]["k"][:, :6], 1e-4)
+
+
+def test_query_tail_attends_the_sharded_cache_through_decode_attention(monkeypatch):
+    """The query tokens after an APB prefill go through ``decode_attention`` (per-host partials
+    merged by log-sum-exp), once per layer, and the logits equal a plain forward in the exact
+    limit."""
+    from flax import nnx
+
+    import sharding.apb_decode as apb_decode
+    from cpmjax.models import CausalLM, ModelConfig
+    from sharding.mesh import make_mesh
+
+    cfg = ModelConfig(model_type="minicpm", vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, scale_emb=12.0, scale_depth=1.4,
+                      dim_model_base=16)
+    model = CausalLM(cfg, rngs=nnx.Rngs(3))
+    mesh = make_mesh(sequence=4)
+    calls = []
+    real = apb_decode.decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apb_decode, "decode_attention", spy)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (B, 30), 0, 64)
+    zero = lambda q, k, v, *, query: jnp.zeros(k.shape[:3])  # noqa: E731
+    logits, _, _ = apb_decode.apb_prefill(model, tokens, model.init_cache(B, 32), mesh=mesh,
+                                          anchor_len=0, passing_len=7, query_len=3,
+                                          scorer=zero, attention_impl="reference")
+    assert calls == [(B, 3, 4, 8)] * cfg.num_hidden_layers
+    want, _ = model(tokens, cache=model.init_cache(B, 32))
+    _close(logits, want[:, -1], 1e-4)
