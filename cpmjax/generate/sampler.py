@@ -268,9 +268,10 @@ def generate(
     the ``sequence`` axis of ``mesh``: ``"apb"`` (anchor + compressed passing blocks),
     ``"star"`` (anchor + local block, nothing passed) or ``"ring"`` (exact, BurstAttention).
     ``prefill_options`` go to ``sharding.apb_decode.apb_prefill`` (``anchor_len``,
-    ``passing_len``, ``query_len``, ``query_offset``, ``scorer`` ...). APB and Star need prompts
-    of equal length; the cache stays sharded along the sequence and decoding attends to every
-    host's part of it."""
+    ``passing_len``, ``query_len``, ``query_offset``, ``scorer`` ...). A distributed prefill lays
+    out one prompt length at a time: prompts of different lengths run as one batch per length
+    (sampling seeds the same per batch); the cache stays sharded along the sequence and
+    decoding attends to every host's part of it."""
     if speculative is not None:
         from cpmjax.generate.speculative import speculative_generate
 
@@ -289,7 +290,7 @@ def generate(
     if prefill not in ("local", "full", "apb", "star", "ring"):
         raise ConfigError(f"prefill={prefill!r}; expected local, apb, star or ring")
     if prefill != "local" and prefill != "full":
-        return _generate_distributed(
+        return _generate_by_length(
             model, tokens, lengths, max_new_tokens, prefill=prefill, mesh=mesh,
             options=dict(prefill_options or {}), sampling=SamplingConfig(
                 float(temperature), int(top_k), float(top_p)),
@@ -380,6 +381,31 @@ def _apb_prefill_fn(graphdef, method, options, mesh, state, tokens, cache):
 def _ring_prefill_fn(graphdef, mesh, state, tokens, lengths, cache):
     with ops.attention_backend("burst", mesh=mesh, layout="contiguous"):
         return _prefill_fn(graphdef, state, tokens, lengths, cache)
+
+
+def _generate_by_length(model, tokens, lengths, max_new_tokens, *, pad_id, **kwargs
+                        ) -> GenerationResult:
+    """A distributed prefill per group of equal-length prompts (its layout depends on the
+    length), the results put back in input order."""
+    groups = np.unique(lengths)
+    if groups.size == 1:
+        return _generate_distributed(model, tokens, lengths, max_new_tokens, pad_id=pad_id,
+                                     **kwargs)
+    batch = tokens.shape[0]
+    out = np.full((batch, max_new_tokens), pad_id, np.int32)
+    new_lengths = np.zeros((batch,), lengths.dtype)
+    stats = GenerationStats(prompt_tokens=int(lengths.sum()))
+    for length in groups:
+        rows = np.flatnonzero(lengths == length)
+        res = _generate_distributed(model, tokens[rows, :length], lengths[rows],
+                                    max_new_tokens, pad_id=pad_id, **kwargs)
+        out[rows, : res.tokens.shape[1]] = res.tokens
+        new_lengths[rows] = res.lengths
+        for field in ("new_tokens", "prefill_seconds", "decode_seconds", "compile_seconds"):
+            setattr(stats, field, getattr(stats, field) + getattr(res.stats, field))
+        stats.decode_steps = max(stats.decode_steps, res.stats.decode_steps)
+    return GenerationResult(tokens=out[:, : stats.decode_steps], lengths=new_lengths,
+                            stats=stats)
 
 
 def _generate_distributed(model, tokens, lengths, max_new_tokens, *, prefill, mesh, options,
