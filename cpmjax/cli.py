@@ -1,7 +1,9 @@
 """The ``cpmjax`` console command.
 
-    cpmjax generate [--model DIR] --prompt TEXT [--max-new-tokens N] [--temperature T]
-                    [--top-k K] [--top-p P] [--seed S] [--chat] [--dtype float32|bfloat16]
+    cpmjax generate [--model DIR] (--prompt TEXT | --prompt-file FILE) [--max-new-tokens N]
+                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat]
+                    [--dtype float32|bfloat16] [--prefill local|apb|star|ring [--query-len N]
+                    [--anchor-len N] [--passing-len N] [--retaining-heads FILE]]
     cpmjax train --config CONFIG.yaml [flags]          (training recipe)
     cpmjax info [--model DIR]                          (config and parameter count)
 
@@ -15,8 +17,9 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from typing import Any
 
-from cpmjax.errors import CpmjaxError
+from cpmjax.errors import ConfigError, CpmjaxError, MissingPathError
 
 # Subcommands that live with their feature: (module, function that adds the subparser).
 _PLUGINS = [
@@ -29,7 +32,9 @@ _PLUGINS = [
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", default=None, help="local HF checkpoint dir (default: bundled)")
-    p.add_argument("--prompt", required=True, help="prompt text")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -38,7 +43,52 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-stop", action="store_true", help="do not stop at the EOS token")
+    p.add_argument("--prefill", default="local", choices=["local", "apb", "star", "ring"],
+                   help="long-context prefill over every visible device (a 'sequence' mesh "
+                        "axis): APB, Star Attention or the exact ring; default: one device")
+    p.add_argument("--query-len", type=int, default=16,
+                   help="apb/star: the last N prompt tokens are the query (APB embeds it in "
+                        "its anchor after the first token)")
+    p.add_argument("--anchor-len", type=int, default=None,
+                   help="apb/star anchor tokens (default: block/4 for apb, a block for star)")
+    p.add_argument("--passing-len", type=int, default=None,
+                   help="apb: tokens each host passes on (default: block/8)")
+    p.add_argument("--retaining-heads", default=None,
+                   help="apb: retaining heads (.npz, scripts/train_retaining_head.py) as the "
+                        "compressor instead of the query-aware scorer")
     p.set_defaults(func=_run_generate)
+
+
+def _distributed_prefill(args) -> tuple[Any, dict[str, Any] | None]:
+    """``(mesh, prefill_options)`` for ``--prefill``: a ``sequence`` mesh over every visible
+    device (``None`` for a local prefill)."""
+    if args.prefill == "local":
+        return None, None
+    import jax
+
+    from sharding.mesh import make_mesh
+
+    hosts = len(jax.devices())
+    if hosts < 2:
+        raise ConfigError(
+            f"--prefill {args.prefill} splits the prompt over several devices, but jax sees "
+            f"{hosts}; on a CPU, simulate 8 with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8"
+        )
+    if args.prefill == "ring":
+        return make_mesh(sequence=hosts), None
+    options: dict[str, Any] = {"query_len": args.query_len,
+                               "query_offset": 1 if args.query_len else 0,
+                               "anchor_len": args.anchor_len}
+    if args.prefill == "apb":
+        options["passing_len"] = args.passing_len
+        if args.retaining_heads:
+            from sharding.apb import RetainingHeads
+
+            options["scorer"] = RetainingHeads.load(args.retaining_heads)
+    elif args.passing_len:
+        raise ConfigError("--passing-len is an APB setting; Star Attention passes nothing")
+    return make_mesh(sequence=hosts), options
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -55,11 +105,18 @@ def _run_generate(args) -> int:
     import cpmjax
     from cpmjax.tokenizer import apply_chat_template, encode
 
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except FileNotFoundError:
+            raise MissingPathError(f"prompt file {args.prompt_file} does not exist") from None
     path = args.model or cpmjax.default_model_path()
     model = cpmjax.from_pretrained(path, dtype=args.dtype)
     tokenizer = cpmjax.load_tokenizer(path)
-    ids = apply_chat_template(tokenizer, args.prompt) if args.chat else encode(tokenizer,
-                                                                                args.prompt)
+    ids = apply_chat_template(tokenizer, prompt) if args.chat else encode(tokenizer, prompt)
+    mesh, prefill_options = _distributed_prefill(args)
     printed = ""
 
     def stream(tokens):
@@ -77,12 +134,13 @@ def _run_generate(args) -> int:
 
         speculative = build_speculative(args, model)
     if not args.chat:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(prompt)
     result = cpmjax.generate(
         model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed,
         stop_token_ids=() if args.no_stop else _stop_ids(model, tokenizer), stream=stream,
-        speculative=speculative,
+        speculative=speculative, prefill=args.prefill, mesh=mesh,
+        prefill_options=prefill_options,
     )
     final = tokenizer.decode(result.row(0), skip_special_tokens=True)
     sys.stdout.write(final[len(printed):] + "\n")

@@ -108,6 +108,32 @@ def test_cli_generate_streams_and_reports(tmp_path, capsys):
     assert "decode" in captured.err and "tok/s" in captured.err
 
 
+def test_cli_generate_distributed_prefill_from_a_file(tmp_path, capsys):
+    """--prompt-file with --prefill apb / star over the 8 (simulated) devices; a Star run with
+    an APB-only flag is a clean error."""
+    from cpmjax.cli import main
+
+    write_random_minicpm(tmp_path / "m", max_position_embeddings=256)
+    word_tokenizer(tmp_path / "m")
+    prompt = " ".join(["def fibonacci ( n ) : return a if b else c"] * 11)
+    (tmp_path / "p.txt").write_text(prompt, encoding="utf-8")
+    common = ["generate", "--model", str(tmp_path / "m"), "--prompt-file",
+              str(tmp_path / "p.txt"), "--max-new-tokens", "4", "--no-stop", "--query-len", "4"]
+    for flags in (["--prefill", "apb", "--anchor-len", "8", "--passing-len", "3"],
+                  ["--prefill", "star"]):
+        code = main(common + flags)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert captured.out.startswith(prompt)
+        assert len(captured.out) > len(prompt) + 1
+        assert "prompt 132 tok" in captured.err and "generated 4 tok" in captured.err
+    assert main(common + ["--prefill", "star", "--passing-len", "3"]) == 2
+    assert "ConfigError" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-file",
+                 str(tmp_path / "none.txt")]) == 2
+    assert "prompt file" in capsys.readouterr().err
+
+
 def test_cli_error_is_clean(tmp_path, capsys):
     from cpmjax.cli import main
 
