@@ -118,23 +118,23 @@ def _run_generate(args) -> int:
     ids = apply_chat_template(tokenizer, prompt) if args.chat else encode(tokenizer, prompt)
     mesh, prefill_options = _distributed_prefill(args)
     printed = ""
+    # the prompt is echoed with the first generated text, so a rejected request prints nothing
+    echo = "" if args.chat else prompt
 
     def stream(tokens):
-        nonlocal printed
+        nonlocal printed, echo
         text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
-        sys.stdout.write(text[len(printed):])
+        sys.stdout.write(echo + text[len(printed):])
         sys.stdout.flush()
-        printed = text
+        printed, echo = text, ""
 
     speculative = None
     if getattr(args, "spec", "none") != "none":  # flags added by cpmjax.generate.cli
         from cpmjax.generate.cli import build_speculative
 
         speculative = build_speculative(args, model)
-    if not args.chat:
-        sys.stdout.write(prompt)
     result = cpmjax.generate(
         model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed,
@@ -143,7 +143,7 @@ def _run_generate(args) -> int:
         prefill_options=prefill_options,
     )
     final = tokenizer.decode(result.row(0), skip_special_tokens=True)
-    sys.stdout.write(final[len(printed):] + "\n")
+    sys.stdout.write(echo + final[len(printed):] + "\n")
     sys.stdout.flush()
     s = result.stats
     spec_stats = ""
