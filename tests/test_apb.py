@@ -42,6 +42,19 @@ def _norm_score(q, k, v, *, query):
     return jnp.sum(k * k, axis=-1)
 
 
+def _tiny_model(seed: int):
+    """A 2-layer GQA MiniCPM (vocab 64, hidden 32) for the model-level APB tests."""
+    from flax import nnx
+
+    from cpmjax.models import CausalLM, ModelConfig
+
+    cfg = ModelConfig(model_type="minicpm", vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, scale_emb=12.0, scale_depth=1.4,
+                      dim_model_base=16)
+    return CausalLM(cfg, rngs=nnx.Rngs(seed))
+
+
 def _close(a, b, tol=2e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol)
 
@@ -208,15 +221,10 @@ def test_model_prefill_on_expanded_layout():
     cache holds exactly the host-local KV (anchor rows never written)."""
     from flax import nnx
 
-    from cpmjax.models import CausalLM, ModelConfig
     from sharding.apb_decode import apb_prefill
     from sharding.mesh import make_mesh
 
-    cfg = ModelConfig(model_type="minicpm", vocab_size=64, hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, scale_emb=12.0, scale_depth=1.4,
-                      dim_model_base=16)
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    model = _tiny_model(0)
     mesh = make_mesh(sequence=8)
     seq, cache_len = 45, 64
     tokens = jax.random.randint(jax.random.PRNGKey(1), (B, seq), 0, 64)
@@ -252,17 +260,11 @@ def test_query_tail_attends_the_sharded_cache_through_decode_attention(monkeypat
     """The query tokens after an APB prefill go through ``decode_attention`` (per-host partials
     merged by log-sum-exp), once per layer, and the logits equal a plain forward in the exact
     limit."""
-    from flax import nnx
 
     import sharding.apb_decode as apb_decode
-    from cpmjax.models import CausalLM, ModelConfig
     from sharding.mesh import make_mesh
 
-    cfg = ModelConfig(model_type="minicpm", vocab_size=64, hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, scale_emb=12.0, scale_depth=1.4,
-                      dim_model_base=16)
-    model = CausalLM(cfg, rngs=nnx.Rngs(3))
+    model = _tiny_model(3)
     mesh = make_mesh(sequence=4)
     calls = []
     real = apb_decode.decode_attention
@@ -277,6 +279,6 @@ def test_query_tail_attends_the_sharded_cache_through_decode_attention(monkeypat
     logits, _, _ = apb_decode.apb_prefill(model, tokens, model.init_cache(B, 32), mesh=mesh,
                                           anchor_len=0, passing_len=7, query_len=3,
                                           scorer=zero, attention_impl="reference")
-    assert calls == [(B, 3, 4, 8)] * cfg.num_hidden_layers
+    assert calls == [(B, 3, 4, 8)] * model.config.num_hidden_layers
     want, _ = model(tokens, cache=model.init_cache(B, 32))
     _close(logits, want[:, -1], 1e-4)
