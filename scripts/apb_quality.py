@@ -324,6 +324,15 @@ def _print_kl(out: dict) -> None:
 # ----------------------------------------------------------------------------- part (b): KV
 
 
+def kv_layout(prefill: str, seq: int, opts: dict[str, Any]):
+    """The layout ``generate(prefill=..., prefill_options=opts)`` lays a ``seq``-token prompt
+    out with on the study's hosts."""
+    from sharding.apb import make_method_layout
+
+    keys = ("anchor_len", "passing_len", "query_len", "query_offset")
+    return make_method_layout(prefill, seq, hosts=HOSTS, **{k: opts[k] for k in keys if k in opts})
+
+
 def run_kv(args, report: dict) -> None:
     from make_kv_retrieval import KVSpec, eval_example, straddling_pairs
 
@@ -345,7 +354,7 @@ def run_kv(args, report: dict) -> None:
                         value_len=spec.value_len)}
     for pairs, placement in itertools.product(args.kv_pairs, args.kv_needle):
         seq = 1 + pairs * spec.pair_len + 2
-        blk = layout_for("star", seq, query_len=2).block_len
+        blk = kv_layout("star", seq, {"query_len": 2}).block_len
         straddling = straddling_pairs(spec, pairs, blk)
         if placement == "boundary":
             if straddling.size == 0:
@@ -359,7 +368,7 @@ def run_kv(args, report: dict) -> None:
         answers = np.stack([ex.answer for ex in examples])
         prompts = np.stack([ex.ids for ex in examples])
         results: dict[str, np.ndarray] = {}
-        apb_anchor = layout_for("apb-query", seq, query_len=2).anchor_len
+        apb_anchor = kv_layout("apb", seq, methods["apb-query"][1]).anchor_len
         # Star with APB's short anchor: separates "a short anchor" from "the query in the anchor"
         short = {"star-short-anchor": ("star", {"query_len": 2, "anchor_len": apb_anchor})}
         # APB with longer passing blocks (a fraction of the block): how much of the gap to full
@@ -379,8 +388,7 @@ def run_kv(args, report: dict) -> None:
                 hits.append(np.all(got == answers[s:s + args.kv_batch], axis=1))
             hit = np.concatenate(hits)
             results[name] = hit
-            lay = None if name == "full" else layout_for(
-                "star" if name == "star" else "apb-query", seq, query_len=2)
+            lay = None if prefill == "local" else kv_layout(prefill, seq, opts)
             row = dict(pairs=pairs, seq=int(seq), placement=placement, method=name,
                        n=int(hit.size),
                        correct=int(hit.sum()), accuracy=float(hit.mean()),
@@ -392,9 +400,7 @@ def run_kv(args, report: dict) -> None:
                        straddle_correct=int(hit[straddle].sum()),
                        straddle_n=int(straddle.sum()),
                        block_len=blk, anchor_len=None if lay is None else lay.anchor_len,
-                       passing_len=None if lay is None else (
-                           0 if name.startswith("star")
-                           else opts.get("passing_len", lay.passing_len)),
+                       passing_len=None if lay is None else lay.passing_len,
                        seconds=time.time() - t0)
             if name != "full":
                 row["delta_vs_full"], row["delta_ci95"] = paired_delta(hit, results["full"])
