@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import Any
 
@@ -25,7 +24,6 @@ from cpmjax.errors import ConfigError, CpmjaxError, MissingPathError
 _PLUGINS = [
     ("cpmjax.train.cli", "register"),
     ("cpmjax.generate.cli", "register"),
-    ("cpmjax.delta.cli", "register"),
 ]
 
 
@@ -186,9 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_info(subparsers)
-    for module_name, function in _PLUGINS:
-        if importlib.util.find_spec(module_name) is not None:
-            getattr(importlib.import_module(module_name), function)(subparsers)
+    for module_name, function in _PLUGINS:  # every plugin must import: no silent gaps
+        getattr(importlib.import_module(module_name), function)(subparsers)
     return parser
 
 

@@ -9,7 +9,7 @@ Measured side by side in one run on 8 simulated CPU devices (one mesh axis ``seq
 2. Per-device FLOPs of the whole-model prefill (compile only, abstract parameters) of a
    MiniCPM-1B-shaped model (hidden 1536, 24 / 8 heads, head_dim 64, MLP 3840, vocab 73440) at
    1 and 2 layers, extrapolated to MiniCPM-1B's 52 layers (``c0 + layers * c_layer``): APB and
-   Star through ``sharding.apb_decode.apb_prefill`` (what ``generate(prefill="apb"|"star")``
+   Star through ``cpmjax.generate.prefill.apb_prefill`` (what ``generate(prefill="apb"|"star")``
    runs), the ring as the model on the sequence-sharded input with an unrolled ring attention,
    full attention on one device.
 3. Wall time (median of repeats, methods interleaved) of one attention layer (default 16k
@@ -233,7 +233,7 @@ def model_flops_table(seqs, layer_counts, mesh, shape: dict, query_len=64):
     """Per-device whole-model prefill FLOPs (``cost_analysis``, compile only, abstract
     parameters) for every method, at every ``seq`` and layer count.
 
-    APB / Star: ``sharding.apb_decode.apb_prefill`` (the path of ``generate(prefill="apb" |
+    APB / Star: ``cpmjax.generate.prefill.apb_prefill`` (the path of ``generate(prefill="apb" |
     "star")``) with materialised local attention; its ``lax.switch`` over hosts is counted at
     its most expensive branch, the last host. Ring: the model on the sequence-sharded input
     with the unrolled ring above as its attention (``sharding.burst``'s ring loops with
@@ -243,8 +243,8 @@ def model_flops_table(seqs, layer_counts, mesh, shape: dict, query_len=64):
     from flax import nnx
 
     from cpmjax import ops
+    from cpmjax.generate.prefill import apb_prefill
     from cpmjax.models import CausalLM
-    from sharding.apb_decode import apb_prefill
 
     def ring_backend(q, k, v, *, mesh, causal=True, segment_ids=None, kv_segment_ids=None,
                      sm_scale=None, **_):

@@ -221,7 +221,7 @@ def test_model_prefill_on_expanded_layout():
     cache holds exactly the host-local KV (anchor rows never written)."""
     from flax import nnx
 
-    from sharding.apb_decode import apb_prefill
+    from cpmjax.generate.prefill import apb_prefill
     from sharding.mesh import make_mesh
 
     model = _tiny_model(0)
@@ -261,24 +261,24 @@ def test_query_tail_attends_the_sharded_cache_through_decode_attention(monkeypat
     merged by log-sum-exp), once per layer, and the logits equal a plain forward in the exact
     limit."""
 
-    import sharding.apb_decode as apb_decode
+    from cpmjax.generate import prefill
     from sharding.mesh import make_mesh
 
     model = _tiny_model(3)
     mesh = make_mesh(sequence=4)
     calls = []
-    real = apb_decode.decode_attention
+    real = prefill.decode_attention
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(apb_decode, "decode_attention", spy)
+    monkeypatch.setattr(prefill, "decode_attention", spy)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (B, 30), 0, 64)
     zero = lambda q, k, v, *, query: jnp.zeros(k.shape[:3])  # noqa: E731
-    logits, _, _ = apb_decode.apb_prefill(model, tokens, model.init_cache(B, 32), mesh=mesh,
-                                          anchor_len=0, passing_len=7, query_len=3,
-                                          scorer=zero, attention_impl="reference")
+    logits, _, _ = prefill.apb_prefill(model, tokens, model.init_cache(B, 32), mesh=mesh,
+                                       anchor_len=0, passing_len=7, query_len=3,
+                                       scorer=zero, attention_impl="reference")
     assert calls == [(B, 3, 4, 8)] * model.config.num_hidden_layers
     want, _ = model(tokens, cache=model.init_cache(B, 32))
     _close(logits, want[:, -1], 1e-4)

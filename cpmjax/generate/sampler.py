@@ -267,7 +267,7 @@ def generate(
     ``prefill``: ``"local"`` (one device, the default), or a distributed long-context prefill over
     the ``sequence`` axis of ``mesh``: ``"apb"`` (anchor + compressed passing blocks),
     ``"star"`` (anchor + local block, nothing passed) or ``"ring"`` (exact, BurstAttention).
-    ``prefill_options`` go to ``sharding.apb_decode.apb_prefill`` (``anchor_len``,
+    ``prefill_options`` go to ``cpmjax.generate.prefill.apb_prefill`` (``anchor_len``,
     ``passing_len``, ``query_len``, ``query_offset``, ``scorer`` ...). A distributed prefill lays
     out one prompt length at a time: prompts of different lengths run as one batch per length
     (sampling seeds the same per batch); the cache stays sharded along the sequence and
@@ -370,7 +370,7 @@ def _decode(compiled, graphdef, state, logits, cache, positions, max_new_tokens,
 
 
 def _apb_prefill_fn(graphdef, method, options, mesh, state, tokens, cache):
-    from sharding.apb_decode import apb_prefill
+    from cpmjax.generate.prefill import apb_prefill
 
     model = nnx.merge(graphdef, state)
     logits, cache, _ = apb_prefill(model, tokens, cache, mesh=mesh, method=method,
