@@ -1,10 +1,36 @@
-"""Typed exceptions for errors a user can cause. Each message names the culprit."""
+"""Typed exceptions for errors a user can cause. Each message names the culprit.
+
+The lower layer ``sharding`` cannot import cpmjax, so the types both raise are defined there
+(:mod:`sharding.errors`) and re-exported here as the same class objects: ``CpmjaxError`` is
+``sharding.errors.LibraryError`` and ``ConfigError``, ``ShapeMismatchError``, ``ShardingError``
+are sharding's. ``except cpmjax.errors.ConfigError`` (or ``CpmjaxError``) therefore catches the
+errors raised inside ``sharding`` too. ``ShapeMismatchError`` is a ``ValueError``, not a
+``TensorError``: one type for every shape mismatch, checkpoint tensors or attention inputs.
+"""
 
 from __future__ import annotations
 
+from sharding.errors import ConfigError, ShapeMismatchError, ShardingError
+from sharding.errors import LibraryError as CpmjaxError
 
-class CpmjaxError(Exception):
-    """Base class of every error cpmjax raises on purpose."""
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "CpmjaxError",
+    "DeltaError",
+    "EmptyPromptError",
+    "InputError",
+    "MissingPathError",
+    "MissingTensorError",
+    "NonFiniteLossError",
+    "PromptTooLongError",
+    "ShapeMismatchError",
+    "ShardingError",
+    "TensorError",
+    "TokenIdError",
+    "TrainingError",
+    "UnexpectedTensorError",
+]
 
 
 class CheckpointError(CpmjaxError):
@@ -15,16 +41,8 @@ class MissingPathError(CheckpointError, FileNotFoundError):
     """A path the user named does not exist."""
 
 
-class ConfigError(CpmjaxError, ValueError):
-    """A config value is missing, unsupported, or inconsistent."""
-
-
 class TensorError(CheckpointError):
-    """A tensor is missing, unexpected, or has the wrong shape."""
-
-
-class ShapeMismatchError(TensorError, ValueError):
-    """A tensor's shape does not match what the config implies."""
+    """A checkpoint tensor is missing or unexpected."""
 
 
 class MissingTensorError(TensorError, KeyError):
@@ -65,6 +83,3 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 class DeltaError(CpmjaxError, ValueError):
     """A delta cannot be attached, loaded, or merged."""
 
-
-class ShardingError(CpmjaxError, ValueError):
-    """A mesh or sharded layout is inconsistent with the inputs."""

@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import (
+from pallas_kernels._common import (
     _MASK_VALUE,
     _block_mask,
     _pad_axis,

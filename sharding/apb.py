@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cpmjax.errors import ConfigError, ShapeMismatchError, ShardingError
+from sharding.errors import ConfigError, ShapeMismatchError, ShardingError
 
 __all__ = [
     "APBLayout",

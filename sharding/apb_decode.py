@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from cpmjax.errors import ShapeMismatchError, ShardingError
 from sharding.apb import _axis_size
+from sharding.errors import ShapeMismatchError, ShardingError
 
 __all__ = ["decode_attention", "masked_attention_lse"]
 

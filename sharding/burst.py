@@ -46,7 +46,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec
 
-from cpmjax.errors import ConfigError, ShapeMismatchError, ShardingError
+from sharding.errors import ConfigError, ShapeMismatchError, ShardingError
 from sharding.layout import check_layout, layout_indices
 
 logger = logging.getLogger(__name__)

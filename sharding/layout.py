@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpmjax.errors import ShapeMismatchError, ShardingError
+from sharding.errors import ShapeMismatchError, ShardingError
 
 LAYOUTS = ("zigzag", "contiguous")
 

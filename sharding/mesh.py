@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cpmjax.errors import ShardingError
+from sharding.errors import ShardingError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 

@@ -261,6 +261,27 @@ def test_user_errors_are_typed():
         burst_attention(q[:, :, :3], k, v, mesh=mesh)
 
 
+def test_sharding_errors_are_cpmjax_errors():
+    """sharding defines its own error types (it imports nothing from cpmjax); cpmjax.errors
+    re-exports them, so cpmjax's except clauses catch what sharding raises."""
+    import cpmjax.errors
+    import sharding.errors
+    from sharding.layout import check_layout
+
+    for catch in (cpmjax.errors.ShardingError, cpmjax.errors.CpmjaxError, ValueError):
+        with pytest.raises(catch, match="unknown sequence layout"):
+            check_layout("diagonal", 64, 8)
+    for catch in (cpmjax.errors.ShapeMismatchError, cpmjax.errors.CpmjaxError):
+        with pytest.raises(catch, match="multiple of 16"):
+            check_layout("zigzag", 40, 8)
+    for catch in (cpmjax.errors.ConfigError, cpmjax.errors.CpmjaxError):
+        with pytest.raises(catch, match="passes nothing"):
+            from sharding.apb import make_method_layout
+            make_method_layout("star", 64, hosts=8, passing_len=2)
+    assert cpmjax.errors.ConfigError is sharding.errors.ConfigError
+    assert issubclass(cpmjax.errors.DeltaError, cpmjax.errors.CpmjaxError)
+
+
 # ----------------------------------------------------------------------------- training
 
 
