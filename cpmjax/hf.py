@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,24 +26,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from cpmjax.errors import (
     CheckpointError,
+    ConfigError,
     MissingPathError,
     MissingTensorError,
     ShapeMismatchError,
     UnexpectedTensorError,
 )
 from cpmjax.models import CausalLM, ModelConfig
-from cpmjax.models.transformer import _dtype
+from cpmjax.safetensors_io import TensorFiles, atomic_directory, save_file, write_sharded
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 # Tensors some checkpoints carry that hold no parameters (RoPE buffers).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _MOE_STACKED = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def as_dtype(value: str | Any) -> Any:
+    """A dtype from its name (``"bfloat16"``, ``"float32"``, ``"float16"``: the
+    ``torch_dtype`` names of config.json) or a dtype given as is."""
+    if isinstance(value, str):
+        if value not in _DTYPES:
+            raise ConfigError(f"dtype {value!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[value]
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,66 +91,9 @@ def _expected_hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------------------------
 # reading
-class _TensorSource:
-    """Lazy access to the tensors of a local safetensors checkpoint (single file or sharded)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        index_file = os.path.join(path, SAFE_INDEX)
-        single_file = os.path.join(path, SAFE_WEIGHTS)
-        self.files: dict[str, str] = {}
-        if os.path.isfile(index_file):
-            try:
-                with open(index_file) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(
-                    f"{index_file} is not a valid safetensors index: {exc}"
-                ) from exc
-            for name, file in weight_map.items():
-                full = os.path.join(path, file)
-                if not os.path.isfile(full):
-                    raise MissingPathError(
-                        f"{index_file} names shard {file} (for tensor {name}) but it is missing"
-                    )
-                self.files[name] = full
-        elif os.path.isfile(single_file):
-            for name in self._keys(single_file):
-                self.files[name] = single_file
-        else:
-            others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-            hint = (
-                f" (found {others}: pickle-based weights are not loaded for safety; convert them "
-                "to safetensors)" if others else ""
-            )
-            raise MissingPathError(f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {path}{hint}")
-        self._handles: dict[str, Any] = {}
-
-    @staticmethod
-    def _keys(file: str) -> list[str]:
-        try:
-            with safe_open(file, framework="flax") as f:
-                return list(f.keys())
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read safetensors file {file}: {exc}") from exc
-
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def get(self, name: str) -> jax.Array:
-        return self._handle(name).get_tensor(name)
-
-    def _handle(self, name: str):
-        file = self.files[name]
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(file, framework="flax")
-            except Exception as exc:
-                raise CheckpointError(f"cannot read safetensors file {file}: {exc}") from exc
-        return self._handles[file]
+def _tensor_source(path: str) -> TensorFiles:
+    """The checkpoint's tensors, read lazily (as jax arrays) from one file or a sharded index."""
+    return TensorFiles(path, weights_name=SAFE_WEIGHTS, index_name=SAFE_INDEX, framework="flax")
 
 
 def _abstract_model(config: ModelConfig, dtype: Any) -> CausalLM:
@@ -163,8 +116,8 @@ def from_pretrained(
     if not os.path.isdir(path):
         raise MissingPathError(f"checkpoint directory does not exist: {path}")
     config = ModelConfig.from_pretrained(path)
-    dtype = _dtype(dtype)
-    source = _TensorSource(path)
+    dtype = as_dtype(dtype)
+    source = _tensor_source(path)
     model = _abstract_model(config, dtype)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
@@ -224,7 +177,7 @@ def to_hf_tensors(model: CausalLM, dtype: Any = None) -> Iterator[tuple[str, np.
         name = _path_str(path_tuple)
         value = var[...]
         if dtype is not None:
-            value = value.astype(_dtype(dtype))
+            value = value.astype(as_dtype(dtype))
         value = np.asarray(jax.device_get(value))
         for e, (hf_name, kind) in enumerate(hf_names(name, value.shape)):
             if kind == "t":
@@ -248,56 +201,21 @@ def save_pretrained(
     The directory is written beside the target and renamed into place, so a failure midway
     leaves any previous checkpoint at ``path`` untouched."""
     path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    try:
-        config = model.config
-        hf_config = config.to_hf_dict()
-        save_dtype = _dtype(dtype) if dtype is not None else None
-        value_dtype = save_dtype or model.model.embed_tokens.embedding[...].dtype
-        hf_config["torch_dtype"] = hf_config["dtype"] = str(jnp.dtype(value_dtype).name)
+    save_dtype = as_dtype(dtype) if dtype is not None else None
+    value_dtype = save_dtype or model.model.embed_tokens.embedding[...].dtype
+    hf_config = model.config.to_hf_dict()
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(jnp.dtype(value_dtype).name)
+    with atomic_directory(path, stale=_previous_weights) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
-        shards: list[dict[str, np.ndarray]] = [{}]
-        sizes = [0]
-        for name, array in to_hf_tensors(model, save_dtype):
-            if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
-                shards.append({})
-                sizes.append(0)
-            shards[-1][name] = array
-            sizes[-1] += array.nbytes
-        metadata = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SAFE_WEIGHTS), metadata=metadata)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, file), metadata=metadata)
-                weight_map.update({name: file for name in shard})
-            with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f,
-                          indent=2)
-        if os.path.exists(path):
-            # keep the user's other files (tokenizer, model card) and replace ours atomically
-            for entry in os.listdir(path):
-                if entry == "config.json" or entry.startswith("model") and (
-                    entry.endswith(".safetensors") or entry == SAFE_INDEX
-                ):
-                    continue
-                src = os.path.join(path, entry)
-                if not os.path.exists(os.path.join(tmp, entry)):
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(
-                        src, os.path.join(tmp, entry)
-                    )
-            old = tempfile.mkdtemp(prefix=".old-save-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # ``save`` is looked up here at call time, so a test can make the disk fail
+        write_sharded(tmp, to_hf_tensors(model, save_dtype), weights_name=SAFE_WEIGHTS,
+                      index_name=SAFE_INDEX, max_shard_bytes=max_shard_bytes,
+                      metadata={"format": "pt"}, save=save_file)
     return path
+
+
+def _previous_weights(entry: str) -> bool:
+    """Files of an earlier save that a new one replaces even when it does not rewrite them."""
+    return entry == "config.json" or entry.startswith("model") and (
+        entry.endswith(".safetensors") or entry == SAFE_INDEX)
