@@ -25,21 +25,17 @@ from cpmjax.delta._api import (
     backbone,
     detach,
     get,
+    load,
+    load_peft,
     merge,
     names,
+    save_peft,
     trainable,
 )
 from cpmjax.delta._core import DeltaModule, DeltaParam, DeltaSite
-from cpmjax.delta._io import fingerprint, load
+from cpmjax.delta._io import fingerprint
 from cpmjax.delta._methods import METHODS
-from cpmjax.delta._peft import load_peft
 from cpmjax.delta._show import show
-
-
-def save_peft(delta: Delta, path: str) -> str:
-    """Write a LoRA delta as a PEFT adapter directory (same as ``delta.save_peft(path)``)."""
-    return delta.save_peft(path)
-
 
 __all__ = [
     "DEFAULT_EXCLUDE",

@@ -2,75 +2,38 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import jax
 from flax import nnx
 
 from cpmjax.delta._addressing import (
     DEFAULT_EXCLUDE,
     Target,
     default_targets,
-    find,
     resolve,
     set_child,
     targets_repr,
-    walk,
 )
-from cpmjax.delta._core import DeltaModule, DeltaParam, DeltaSite
+from cpmjax.delta._core import DeltaModule, DeltaParam
+from cpmjax.delta._io import load_delta, save_delta
 from cpmjax.delta._methods import get_method, hyperparameters
+from cpmjax.delta._peft import read_peft, write_peft
+from cpmjax.delta._sites import (
+    DeltaFilter,
+    active_names,
+    count,
+    delta_modules,
+    install,
+    json_safe,
+    names,
+    sites,
+)
 from cpmjax.errors import DeltaError
 
-
-# ----------------------------------------------------------------------------------------------
-# sites in a model
-def sites(model: nnx.Module) -> list[tuple[str, DeltaSite, Any, Any]]:
-    """``(path, site, parent, key)`` of every delta site, in graph order."""
-    return [(e.path, e.site, e.parent, e.key) for e in walk(model) if e.site is not None]
-
-
-def delta_modules(model: nnx.Module, name: str) -> list[tuple[str, DeltaModule]]:
-    """``(path, module)`` of the delta ``name`` at each of its sites."""
-    return [(path, site.deltas[name]) for path, site, _, _ in sites(model) if name in site.order]
-
-
-def names(model: nnx.Module) -> list[str]:
-    """Names of the deltas attached to ``model``, in attach order."""
-    seen: dict[str, None] = {}
-    for _, site, _, _ in sites(model):
-        for n in site.order:
-            seen.setdefault(n, None)
-    return list(seen)
-
-
-def active_names(model: nnx.Module) -> list[str]:
-    seen: dict[str, None] = {}
-    for _, site, _, _ in sites(model):
-        for n in site.active:
-            seen.setdefault(n, None)
-    return list(seen)
-
-
-def install(model: nnx.Module, name: str, built: list[tuple[str, DeltaModule]],
-            active: bool = True, meta: dict[str, Any] | None = None) -> None:
-    """Put each built delta at its path (creating the site if the module has none). ``meta``
-    (method, hyper-parameters, targets) is kept on each module, as static JSON text."""
-    if name in names(model):
-        raise DeltaError(f"a delta named {name!r} is already attached; detach it or pick a name")
-    for path, _ in built:
-        find(model, path)  # every path exists before anything changes
-    meta_text = json.dumps(meta or {}, sort_keys=True, default=str)
-    for path, module in built:
-        module.meta = meta_text
-        entry = find(model, path)
-        site = entry.site
-        if site is None:
-            site = DeltaSite(entry.module)
-            set_child(entry.parent, entry.key, site)
-        site.add(name, module, active)
+# kept under its old name: the tests compare saved hyper-parameters through it
+_json_safe = json_safe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,16 +71,12 @@ class Delta:
     def save(self, path: str) -> str:
         """Write the delta alone to directory ``path``: ``delta.safetensors`` + ``delta.json``
         (method, hyper-parameters, sites, and a hash of the backbone config)."""
-        from cpmjax.delta._io import save
-
-        return save(self, path)
+        return save_delta(self.model, self.name, self.method, self.hparams, self.targets, path)
 
     def save_peft(self, path: str) -> str:
         """Write a LoRA delta as a PEFT adapter (``adapter_config.json`` +
         ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads."""
-        from cpmjax.delta._peft import save_peft
-
-        return save_peft(self, path)
+        return write_peft(self.model, self.name, self.method, path)
 
     def detach(self) -> None:
         """Remove the delta; modules left without deltas get their original object back."""
@@ -163,7 +122,7 @@ def attach(
     entries = resolve(model, list(targets), list(exclude))
     built = spec.build(model, entries, hp, rngs if rngs is not None else nnx.Rngs(seed))
     install(model, name, built, active,
-            {"method": spec.name, "hparams": _json_safe(hp), "targets": targets_repr(targets)})
+            {"method": spec.name, "hparams": json_safe(hp), "targets": targets_repr(targets)})
     return Delta(model, name, spec.name, hp, targets_repr(targets))
 
 
@@ -175,12 +134,6 @@ def get(model: nnx.Module, name: str = "default") -> Delta:
     meta = json.loads(getattr(mods[0][1], "meta", "{}") or "{}")
     return Delta(model, name, meta.get("method", mods[0][1].method), meta.get("hparams", {}),
                  meta.get("targets", [p for p, _ in mods]))
-
-
-def _json_safe(hp: dict[str, Any]) -> dict[str, Any]:
-    import jax.numpy as jnp
-
-    return {k: (str(jnp.dtype(v).name) if k == "param_dtype" else v) for k, v in hp.items()}
 
 
 def _name_of(delta: Delta | str) -> str:
@@ -237,21 +190,6 @@ def activate(model: nnx.Module, name: str | Iterable[str] | None) -> _Activation
     return _Activation(model, previous)
 
 
-@dataclasses.dataclass(frozen=True)
-class DeltaFilter:
-    """NNX filter: the parameters of the named deltas (all deltas with ``names=None``)."""
-
-    names: frozenset[str] | None
-
-    def __call__(self, path: tuple[Any, ...], value: Any) -> bool:
-        if not isinstance(value, DeltaParam):
-            return False
-        if self.names is None:
-            return True
-        return any(path[i] == "deltas" and path[i + 1] in self.names
-                   for i in range(len(path) - 1))
-
-
 def trainable(model: nnx.Module, name: str | Iterable[str] | None = None) -> DeltaFilter:
     """An NNX filter selecting exactly the delta parameters: of ``name`` (one or several), or by
     default of the deltas that are active now. Use it as ``nnx.Optimizer(model, tx,
@@ -295,7 +233,45 @@ def merge(model: nnx.Module, delta: Delta | str = "default") -> nnx.Module:
     return model
 
 
-def count(model: nnx.Module, name: str) -> int:
-    """Parameters of delta ``name`` (a variable shared by several sites counts once)."""
-    state = nnx.state(model, DeltaFilter(frozenset([name])))
-    return int(sum(x.size for x in jax.tree.leaves(state)))
+# ----------------------------------------------------------------------------------------------
+# files
+def load(model: nnx.Module, path: str, name: str | None = None, *, active: bool = True) -> Delta:
+    """Attach the delta saved at ``path`` (by ``Delta.save``) to ``model`` (under its saved
+    name, or ``name``). A backbone whose fingerprint differs raises ``DeltaError`` naming the
+    difference."""
+    name, method, hparams, targets = load_delta(model, path, name, active=active)
+    return Delta(model, name, method, hparams, targets)
+
+
+def load_peft(model: nnx.Module, path: str, name: str = "default", *, active: bool = True
+              ) -> Delta:
+    """Attach the PEFT LoRA adapter in directory ``path`` to ``model``."""
+    name, method, hparams, targets = read_peft(model, path, name, active=active)
+    return Delta(model, name, method, hparams, targets)
+
+
+def save_peft(delta: Delta, path: str) -> str:
+    """Write a LoRA delta as a PEFT adapter directory (same as ``delta.save_peft(path)``)."""
+    return delta.save_peft(path)
+
+
+__all__ = [
+    "Delta",
+    "DeltaFilter",
+    "activate",
+    "active_names",
+    "attach",
+    "backbone",
+    "count",
+    "delta_modules",
+    "detach",
+    "get",
+    "install",
+    "load",
+    "load_peft",
+    "merge",
+    "names",
+    "save_peft",
+    "sites",
+    "trainable",
+]

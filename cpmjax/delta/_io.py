@@ -21,15 +21,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
 
 from cpmjax.delta._addressing import find, walk
-from cpmjax.delta._api import Delta, _json_safe, delta_modules, install
 from cpmjax.delta._core import DeltaModule, DeltaParam
 from cpmjax.delta._lora import LoRA
 from cpmjax.delta._methods import get_method, hyperparameters
+from cpmjax.delta._sites import delta_modules, install, json_safe
 from cpmjax.delta._soft_prompt import PromptStrip
 from cpmjax.errors import DeltaError, MissingPathError
+from cpmjax.safetensors_io import atomic_directory, read_tensors, save_file
 
 FORMAT = "cpmjax-delta"
 VERSION = 1
@@ -99,11 +99,13 @@ def _flat(module: DeltaModule) -> list[tuple[str, nnx.Variable]]:
             for path, var in nnx.to_flat_state(nnx.state(module, DeltaParam))]
 
 
-def save(delta: Delta, path: str) -> str:
-    mods = delta_modules(delta.model, delta.name)
+def save_delta(model: nnx.Module, name: str, method: str, hparams: dict[str, Any],
+               targets: list[str], path: str) -> str:
+    """Write the delta ``name`` of ``model`` to directory ``path`` (``delta.safetensors`` +
+    ``delta.json``), atomically: a failed save leaves the previous one."""
+    mods = delta_modules(model, name)
     if not mods:
-        raise DeltaError(f"delta {delta.name!r} is no longer attached; nothing to save")
-    os.makedirs(path, exist_ok=True)
+        raise DeltaError(f"delta {name!r} is no longer attached; nothing to save")
     tensors: dict[str, np.ndarray] = {}
     site_info = []
     for site_path, module in mods:
@@ -111,26 +113,29 @@ def save(delta: Delta, path: str) -> str:
         if isinstance(module, LoRA):
             info["scale"] = module.scale
         site_info.append(info)
-        for name, var in _flat(module):
-            tensors[f"{site_path}::{name}"] = np.asarray(var[...])
+        for pname, var in _flat(module):
+            tensors[f"{site_path}::{pname}"] = np.asarray(var[...])
     config = {
         "format": FORMAT,
         "version": VERSION,
-        "name": delta.name,
-        "method": delta.method,
-        "hparams": _json_safe(delta.hparams),
-        "targets": delta.targets,
+        "name": name,
+        "method": method,
+        "hparams": json_safe(hparams),
+        "targets": targets,
         "sites": site_info,
-        "backbone": fingerprint(delta.model),
+        "backbone": fingerprint(model),
     }
-    save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": FORMAT})
-    with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    with atomic_directory(path) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
     return path
 
 
-def load(model: nnx.Module, path: str, name: str | None = None, *, active: bool = True) -> Delta:
-    """Attach the delta saved at ``path`` to ``model`` (under its saved name, or ``name``)."""
+def load_delta(model: nnx.Module, path: str, name: str | None = None, *, active: bool = True
+               ) -> tuple[str, str, dict[str, Any], list[str]]:
+    """Attach the delta saved at ``path`` to ``model`` (under its saved name, or ``name``);
+    returns its ``(name, method, hyper-parameters, targets)``."""
     cfg_file, weights_file = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     for file in (cfg_file, weights_file):
         if not os.path.isfile(file):
@@ -142,7 +147,7 @@ def load(model: nnx.Module, path: str, name: str | None = None, *, active: bool 
     check_backbone(cfg["backbone"], model, path)
     spec = get_method(cfg["method"])
     hp = hyperparameters(spec, cfg["hparams"])
-    tensors = load_file(weights_file)
+    tensors = read_tensors(weights_file)
     name = name or cfg["name"]
     site_paths = [s["path"] for s in cfg["sites"]]
     if spec.name == "lora":  # ranks may differ per site (PEFT rank_pattern): build from shapes
@@ -181,5 +186,5 @@ def load(model: nnx.Module, path: str, name: str | None = None, *, active: bool 
     if extra:
         raise DeltaError(f"{weights_file} has tensors no site uses: {extra[:6]}")
     install(model, name, built, active,
-            {"method": spec.name, "hparams": _json_safe(hp), "targets": cfg.get("targets", [])})
-    return Delta(model, name, spec.name, hp, cfg.get("targets", []))
+            {"method": spec.name, "hparams": json_safe(hp), "targets": cfg.get("targets", [])})
+    return name, spec.name, hp, cfg.get("targets", [])

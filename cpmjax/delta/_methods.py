@@ -6,7 +6,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from cpmjax.delta import _adapters, _bitfit, _lora, _prefix, _soft_prompt
+import cpmjax.delta._adapters as _adapters
+import cpmjax.delta._bitfit as _bitfit
+import cpmjax.delta._lora as _lora
+import cpmjax.delta._prefix as _prefix
+import cpmjax.delta._soft_prompt as _soft_prompt
 from cpmjax.errors import DeltaError
 
 

@@ -18,12 +18,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
 
 from cpmjax.delta._addressing import find, linear_dims
-from cpmjax.delta._api import Delta, delta_modules, install
 from cpmjax.delta._lora import LoRA, lora_scale
+from cpmjax.delta._sites import delta_modules, install
 from cpmjax.errors import DeltaError, MissingPathError
+from cpmjax.safetensors_io import atomic_directory, read_tensors, save_file
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -38,9 +38,10 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def load_peft(model: nnx.Module, path: str, name: str = "default", *, active: bool = True
-              ) -> Delta:
-    """Attach the PEFT LoRA adapter in directory ``path`` to ``model``."""
+def read_peft(model: nnx.Module, path: str, name: str = "default", *, active: bool = True
+              ) -> tuple[str, str, dict[str, Any], list[str]]:
+    """Attach the PEFT LoRA adapter in directory ``path`` to ``model``; returns its ``(name,
+    method, hyper-parameters, targets)``."""
     cfg_file, weights_file = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     for file in (cfg_file, weights_file):
         if not os.path.isfile(file):
@@ -60,7 +61,7 @@ def load_peft(model: nnx.Module, path: str, name: str = "default", *, active: bo
         unsupported.append("fan_in_fan_out=true")
     if unsupported:
         raise DeltaError(f"{cfg_file}: unsupported PEFT LoRA options: {', '.join(unsupported)}")
-    tensors = load_file(weights_file)
+    tensors = read_tensors(weights_file)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
@@ -94,14 +95,14 @@ def load_peft(model: nnx.Module, path: str, name: str = "default", *, active: bo
                "param_dtype": "float32"}
     targets = [p for p, _ in built]
     install(model, name, built, active, {"method": "lora", "hparams": hparams, "targets": targets})
-    return Delta(model, name, "lora", hparams, targets)
+    return name, "lora", hparams, targets
 
 
-def save_peft(delta: Delta, path: str) -> str:
-    mods = delta_modules(delta.model, delta.name)
+def write_peft(model: nnx.Module, name: str, method: str, path: str) -> str:
+    """Write the LoRA delta ``name`` of ``model`` as a PEFT adapter directory, atomically."""
+    mods = delta_modules(model, name)
     if not mods or not all(isinstance(m, LoRA) for _, m in mods):
-        raise DeltaError(f"only LoRA deltas save in PEFT format; {delta.name!r} is {delta.method}")
-    os.makedirs(path, exist_ok=True)
+        raise DeltaError(f"only LoRA deltas save in PEFT format; {name!r} is {method}")
     tensors = {}
     for module_path, lora in mods:
         tensors[f"{_PREFIX}{module_path}.lora_A.weight"] = np.ascontiguousarray(
@@ -133,7 +134,8 @@ def save_peft(delta: Delta, path: str) -> str:
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    with atomic_directory(path) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
     return path

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from cpmjax.delta._core import DeltaParam, DeltaSite, param_count
+from cpmjax.delta._sites import active_names, count, names
 
 
 def _own_params(module: Any) -> int:
@@ -52,8 +53,6 @@ def _lines(node: Any, label: str, depth: int) -> list[str]:
 
 
 def render(model: nnx.Module) -> str:
-    from cpmjax.delta._api import active_names, count, names
-
     lines = _lines(model, type(model).__name__, 0)
     backbone = int(sum(x.size for x in jax.tree.leaves(
         nnx.state(model, nnx.All(nnx.Param, nnx.Not(DeltaParam))))))
