@@ -5,7 +5,7 @@ The sequence dimension of q, k, v ``[batch, seq, heads, head_dim]`` is sharded o
 device keeps its query block; partial attentions are merged by an online softmax on float32
 log-sum-exps, so the result equals full attention.
 
-Implementations (``impl=``), all exact and differentiable:
+Ring schedules (``schedule=``), all exact and differentiable:
 
 - ``"burst"``: forward moves K, V round the ring; the backward keeps K, V, dK, dV on their
   device and moves Q, dO, D = rowsum(dO * O), lse round the ring, with the dQ accumulator
@@ -26,9 +26,19 @@ the attention on the current one. The forward ring and the backward ring are tie
 ``jax.custom_vjp``; the forward saves only ``o`` and ``lse`` (tagged with
 :data:`BURST_OUT` / :data:`BURST_LSE` for :func:`remat_policy`).
 
-The per-block attention (local attention optimisation) is pluggable: ``local_attention(q, k, v,
-*, causal, q_offset, sm_scale, segment_ids) -> (o, lse)``; the default is the blockwise flash
-attention of :mod:`pallas_kernels` on CPU and the Pallas kernel on GPU/TPU.
+The per-block attention (local attention optimisation) is chosen with ``impl=``, the library's
+implementation vocabulary (:data:`pallas_kernels.IMPLS`): ``"auto"`` (the blockwise flash
+attention of :mod:`pallas_kernels` on CPU, the Pallas kernel on GPU/TPU), ``"reference"``,
+``"blockwise"`` (``block_k=512``), ``"pallas"``, or a callable ``(q, k, v, *, causal, q_offset,
+sm_scale, segment_ids) -> (o, lse)`` (:func:`pallas_kernels.local_attention`).
+
+Deprecated (one release): ``impl="burst" | "ring" | "allgather"`` (the schedule's old keyword;
+the values are disjoint from the local-attention names, so they are resolved by value) and
+``local_attention=`` (now ``impl=``); both emit a ``DeprecationWarning`` and still work.
+
+:func:`burst_forward_shard` is the forward each device runs inside ``shard_map``; with a
+:class:`OneHostRing` it runs one device's work alone (the blocks it would receive given as
+arrays), for timing one host's critical path.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,12 +57,15 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec
 
+from pallas_kernels import IMPLS as LOCAL_IMPLS
+from pallas_kernels import local_attention, local_attention_fn
 from sharding.errors import ConfigError, ShapeMismatchError, ShardingError
 from sharding.layout import check_layout, layout_indices
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "burst", "ring", "allgather")
+SCHEDULES = ("auto", "burst", "ring", "allgather")
+IMPLS = SCHEDULES  # the old name of SCHEDULES (the ring schedule was chosen with impl=)
 BURST_OUT = "burst_out"
 BURST_LSE = "burst_lse"
 
@@ -60,8 +74,13 @@ LocalAttention = Callable[..., tuple[jax.Array, jax.Array]]
 __all__ = [
     "BURST_LSE",
     "BURST_OUT",
+    "SCHEDULES",
+    "OneHostRing",
+    "Ring",
     "burst_attention",
+    "burst_forward_shard",
     "choose_impl",
+    "choose_schedule",
     "collective_bytes_from_hlo",
     "communication_bytes",
     "default_local_attention",
@@ -85,47 +104,42 @@ def reference_local_attention(
     sm_scale: float,
     segment_ids: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Exact attention of one block with materialised scores, in jnp.
-
-    q ``[b, lq, hq, dk]``, k ``[b, lk, hkv, dk]``, v ``[b, lk, hkv, dv]`` (GQA by grouping, kv
-    never repeated). Query ``i`` sits at position ``q_offset + i``, key ``j`` at ``j``.
-    ``segment_ids``: ``(q_seg [b, lq], kv_seg [b, lk])`` or None. Returns ``o [b, lq, hq, dv]``
-    (q's dtype) and ``lse [b, hq, lq]`` float32; a row that sees no key gets ``o = 0`` and
-    ``lse = -inf`` (no NaN)."""
-    from pallas_kernels import attention_reference
-
-    return attention_reference(q, k, v, causal=causal, q_offset=q_offset, sm_scale=sm_scale,
-                               segment_ids=segment_ids, return_lse=True)
+    """``pallas_kernels.local_attention(impl="reference")``: exact attention of one block with
+    materialised scores. q ``[b, lq, hq, dk]``, k ``[b, lk, hkv, dk]``, v ``[b, lk, hkv, dv]``;
+    returns ``o [b, lq, hq, dv]`` and ``lse [b, hq, lq]`` float32 (a row that sees no key: 0 and
+    -inf)."""
+    return local_attention(q, k, v, causal=causal, q_offset=q_offset, sm_scale=sm_scale,
+                           segment_ids=segment_ids, impl="reference")
 
 
 def blockwise_local_attention(q, k, v, *, causal, q_offset=0, sm_scale, segment_ids=None,
                               block_k: int = 512):
-    """The ``lax`` blockwise flash attention of :mod:`pallas_kernels` as a local attention."""
-    from pallas_kernels import blockwise_attention
-
-    return blockwise_attention(q, k, v, causal=causal, sm_scale=sm_scale,
-                               segment_ids=segment_ids, q_offset=q_offset, block_k=block_k,
-                               return_lse=True)
+    """``pallas_kernels.local_attention(impl="blockwise", block_k=512)``."""
+    return local_attention(q, k, v, causal=causal, q_offset=q_offset, sm_scale=sm_scale,
+                           segment_ids=segment_ids, impl="blockwise", block_k=block_k)
 
 
 def pallas_local_attention(q, k, v, *, causal, q_offset=0, sm_scale, segment_ids=None):
-    """The Pallas flash attention of :mod:`pallas_kernels` as a local attention."""
-    from pallas_kernels import flash_attention
-
-    return flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids,
-                           q_offset=q_offset, return_lse=True)
+    """``pallas_kernels.local_attention(impl="pallas")``."""
+    return local_attention(q, k, v, causal=causal, q_offset=q_offset, sm_scale=sm_scale,
+                           segment_ids=segment_ids, impl="pallas")
 
 
 def default_local_attention() -> LocalAttention:
-    """Blockwise ``lax`` flash attention on CPU, the Pallas kernel on GPU/TPU; the jnp
-    reference when :mod:`pallas_kernels` cannot be imported."""
-    try:
-        import pallas_kernels  # noqa: F401
-    except ImportError:  # pragma: no cover - pallas_kernels ships with the repository
-        return reference_local_attention
-    if jax.default_backend() == "cpu":
-        return blockwise_local_attention
-    return pallas_local_attention
+    """``impl="auto"``: the blockwise flash attention on CPU, the Pallas kernel on GPU/TPU."""
+    return local_attention_fn("auto")
+
+
+def resolve_local_attention(impl: str | LocalAttention) -> LocalAttention:
+    """The local attention ``impl`` names (``pallas_kernels.IMPLS``) or ``impl`` itself when
+    callable. Raises ``ConfigError`` naming it otherwise."""
+    if callable(impl):
+        return impl
+    if impl not in LOCAL_IMPLS and impl != "xla":
+        raise ConfigError(
+            f"unknown burst impl {impl!r}: impl= is the local attention, one of {LOCAL_IMPLS} "
+            f"or a callable; the ring schedule is schedule=, one of {SCHEDULES}")
+    return local_attention_fn(impl)
 
 
 # ----------------------------------------------------------------------------- block backward
@@ -305,7 +319,7 @@ def _merge(o, lse, o_new, lse_new):
 # ----------------------------------------------------------------------------- ring schedule
 
 
-class _Ring:
+class Ring:
     """Single ring over ``inner`` (``outer`` None) or a double ring: ``outer`` ring of nodes,
     each an ``inner`` ring. Ranks are ``outer_index * n_inner + inner_index`` (the order of
     ``PartitionSpec((outer, inner))``)."""
@@ -316,9 +330,9 @@ class _Ring:
         self.size = n_outer * n_inner
         self.direction = direction
 
-    def reversed(self) -> _Ring:
+    def reversed(self) -> Ring:
         """The same ring, travelled the other way."""
-        return _Ring(self.outer, self.n_outer, self.inner, self.n_inner, -self.direction)
+        return Ring(self.outer, self.n_outer, self.inner, self.n_inner, -self.direction)
 
     def indices(self):
         i = lax.axis_index(self.inner)
@@ -403,6 +417,66 @@ class _Ring:
 
 
 # ----------------------------------------------------------------------------- shard functions
+
+
+class OneHostRing:
+    """A ring seen from one device, for running that device's forward alone (no collectives).
+
+    ``rank`` is the device's ring rank (an int or a traced int32 scalar, as ``axis_index`` is
+    under ``shard_map``); ``received`` is the bundle of blocks that would arrive, stacked along
+    a leading axis: ``received[t - 1]`` is the block of rank ``(rank - t) % size``, which
+    arrives at ring step ``t``. Single ring only. Passed as ``ring=`` to
+    :func:`burst_forward_shard`."""
+
+    def __init__(self, rank: int | jax.Array, size: int, received: Any):
+        self._rank = jnp.asarray(rank, jnp.int32)
+        self.size = int(size)
+        self.received = received
+
+    def rank(self) -> jax.Array:
+        return self._rank
+
+    def run(self, bundle, acc, state, step):
+        """:meth:`Ring.run` for the forward (``acc`` None): the own block (diagonal), then the
+        received blocks in ring order, the middle ones in a ``fori_loop`` as the ring does."""
+        if acc is not None:
+            raise ConfigError("OneHostRing runs the forward only (no travelling accumulator)")
+        size, me = self.size, self._rank
+
+        def at(t):
+            return jax.tree.map(lambda x: x[t - 1], self.received)
+
+        _, state = step(bundle, None, state, me, True)
+        if size > 2:
+            state = lax.fori_loop(1, size - 1, lambda t, st: step(
+                at(t), None, st, (me - t) % size, False)[1], state)
+        if size > 1:
+            _, state = step(at(size - 1), None, state, (me - (size - 1)) % size, False)
+        return None, state
+
+
+def burst_forward_shard(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    seg: jax.Array | None = None,
+    *,
+    ring: Ring | OneHostRing,
+    causal: bool = True,
+    layout: str = "zigzag",
+    sm_scale: float | None = None,
+    impl: str | LocalAttention = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """One device's forward of :func:`burst_attention` (what it runs inside ``shard_map``).
+
+    q ``[b, L, hq, dk]``, k ``[b, L, hkv, dk]``, v ``[b, L, hkv, dv]``, seg ``[b, L]`` or None:
+    the device's blocks in layout order. ``ring``: a :class:`Ring` over the mesh axes (inside
+    ``shard_map``) or a :class:`OneHostRing` (alone, on one device; ``received`` the bundles
+    ``(k, v, seg)`` of the other devices). ``impl``: the local attention. Returns ``o [b, L, hq,
+    dv]`` (q's dtype) and ``lse [b, hq, L]`` float32."""
+    scale = float(q.shape[-1]) ** -0.5 if sm_scale is None else float(sm_scale)
+    return _forward_shard(q, k, v, seg, ring=ring, attend=resolve_local_attention(impl),
+                          causal=bool(causal), layout=layout, sm_scale=scale)
 
 
 def _forward_shard(q, k, v, seg, *, ring, attend, causal, layout, sm_scale):
@@ -502,7 +576,7 @@ def _allgather_shard(q, k, v, seg, *, ring, seq_axes, attend, causal, layout, sm
 
 
 def communication_bytes(
-    impl: str,
+    schedule: str,
     *,
     batch: int,
     seq_len: int,
@@ -526,24 +600,27 @@ def communication_bytes(
     seg = 4 if segments else 0
     kv = kv_heads * (qk_dim + v_dim)
     forward = (g - 1) * tokens * (kv * itemsize + seg)
-    if impl == "ring":
+    if schedule == "ring":
         backward = (g - 1) * tokens * (kv * itemsize + seg + kv * 4)
-    elif impl == "burst":
+    elif schedule == "burst":
         q_side = q_heads * (qk_dim + v_dim) * itemsize + 2 * q_heads * 4 + seg
         backward = (g - 1) * tokens * (q_side + q_heads * qk_dim * 4)
-    elif impl == "allgather":
+    elif schedule == "allgather":
         backward = (g - 1) * tokens * kv * itemsize
     else:
-        raise ConfigError(f"no volume model for impl {impl!r}")
+        raise ConfigError(f"no volume model for schedule {schedule!r}")
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
-def choose_impl(**shapes: Any) -> str:
+def choose_schedule(**shapes: Any) -> str:
     """``"burst"`` or ``"ring"``: the lower forward+backward volume (ties go to burst).
     Keywords as :func:`communication_bytes`."""
     burst = communication_bytes("burst", **shapes)["total"]
     ring = communication_bytes("ring", **shapes)["total"]
     return "burst" if burst <= ring else "ring"
+
+
+choose_impl = choose_schedule  # the old name (the schedule was chosen with impl=)
 
 
 _SHAPE_RE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
@@ -689,7 +766,7 @@ def burst_attention(
     axis: str = "sequence",
     causal: bool = True,
     segment_ids: jax.Array | None = None,
-    impl: str = "auto",
+    impl: str | LocalAttention = "auto",
     inner_axis: str | None = None,
     layout: str = "zigzag",
     sm_scale: float | None = None,
@@ -697,6 +774,7 @@ def burst_attention(
     head_axis: str | None = "default",
     local_attention: LocalAttention | None = None,
     block_k: int = 512,
+    schedule: str = "auto",
 ) -> jax.Array:
     """Exact attention on a sequence sharded over ``mesh[axis]`` (and ``mesh[inner_axis]``).
 
@@ -709,15 +787,17 @@ def burst_attention(
       axis: the sequence mesh axis (the outer ring when ``inner_axis`` is given).
       causal: causal mask on the true token positions of the layout.
       segment_ids: ``[batch, seq]`` int (layout order): a query sees only keys of its segment.
-      impl: ``"auto"`` | ``"burst"`` | ``"ring"`` | ``"allgather"``.
+      impl: the local (per-block) attention: ``"auto"`` | ``"reference"`` | ``"blockwise"`` |
+        ``"pallas"`` or a callable ``(q, k, v, *, causal, q_offset, sm_scale, segment_ids) ->
+        (o, lse)``. (Deprecated: a schedule name here, resolved as ``schedule=``.)
       inner_axis: with a second sequence axis, a double ring (``inner_axis`` the fast ring).
       layout: ``"zigzag"`` (balanced causal work) or ``"contiguous"``.
       sm_scale: score scale, default ``qk_dim ** -0.5``.
       batch_axes: mesh axes for the batch; default those of ``data``/``fsdp`` that divide it.
       head_axis: mesh axis for heads; default ``"tensor"`` when it divides ``kv_heads``.
-      local_attention: per-block ``(q, k, v, *, causal, q_offset, sm_scale, segment_ids) ->
-        (o, lse)``; default :func:`default_local_attention`.
+      local_attention: deprecated name of ``impl=`` (a callable).
       block_k: key chunk of the per-block backward.
+      schedule: the ring schedule, ``"auto"`` | ``"burst"`` | ``"ring"`` | ``"allgather"``.
 
     Returns:
       ``o [batch, seq, q_heads, v_dim]`` in q's dtype, same layout and sharding specs.
@@ -734,17 +814,27 @@ def burst_attention(
     kv_heads = k.shape[2]
     if q_heads % kv_heads:
         raise ShapeMismatchError(f"q heads {q_heads} not a multiple of kv heads {kv_heads}")
-    if impl not in IMPLS:
-        raise ConfigError(f"unknown burst impl {impl!r}; expected one of {IMPLS}")
+    if isinstance(impl, str) and impl in SCHEDULES[1:]:
+        warnings.warn(f"burst_attention(impl={impl!r}) is deprecated: the ring schedule is "
+                      f"schedule={impl!r} (impl= now chooses the local attention)",
+                      DeprecationWarning, stacklevel=2)
+        schedule, impl = impl, "auto"
+    if local_attention is not None:
+        warnings.warn("burst_attention(local_attention=...) is deprecated; use impl=",
+                      DeprecationWarning, stacklevel=2)
+        impl = local_attention
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown burst schedule {schedule!r}; expected one of {SCHEDULES}")
+    attend = resolve_local_attention(impl)
     if segment_ids is not None and tuple(segment_ids.shape) != (batch, seq):
         raise ShapeMismatchError(
             f"segment_ids shape {tuple(segment_ids.shape)} != (batch, seq) {(batch, seq)}")
     n_outer = _axis_size(mesh, axis)
     if inner_axis is None:
-        ring = _Ring(None, 1, axis, n_outer)
+        ring = Ring(None, 1, axis, n_outer)
         seq_axes: Any = axis
     else:
-        ring = _Ring(axis, n_outer, inner_axis, _axis_size(mesh, inner_axis))
+        ring = Ring(axis, n_outer, inner_axis, _axis_size(mesh, inner_axis))
         seq_axes = (axis, inner_axis)
     check_layout(layout, seq, ring.size)
     if batch_axes == "default":
@@ -758,17 +848,16 @@ def burst_attention(
             f"head axis {head_axis!r} of size {mesh.shape[head_axis]} does not divide "
             f"kv_heads={kv_heads}")
     scale = float(qk_dim) ** -0.5 if sm_scale is None else float(sm_scale)
-    attend = local_attention or default_local_attention()
 
-    if impl == "auto":
+    if schedule == "auto":
         local_batch = batch // (int(np.prod([mesh.shape[a] for a in _as_tuple(batch_axes)])))
         heads_split = mesh.shape[head_axis] if head_axis else 1
-        impl = choose_impl(
+        schedule = choose_schedule(
             batch=local_batch, seq_len=seq, q_heads=q_heads // heads_split,
             kv_heads=kv_heads // heads_split, qk_dim=qk_dim, v_dim=v.shape[3],
             num_shards=ring.size, itemsize=q.dtype.itemsize, segments=segment_ids is not None)
-        logger.debug("burst_attention impl=auto chose %r (q_heads=%d, kv_heads=%d)", impl,
-                     q_heads, kv_heads)
+        logger.debug("burst_attention schedule=auto chose %r (q_heads=%d, kv_heads=%d)",
+                     schedule, q_heads, kv_heads)
 
     qkv_spec = PartitionSpec(batch_axes, seq_axes, head_axis, None)
     seg_spec = PartitionSpec(batch_axes, seq_axes)
@@ -783,7 +872,7 @@ def burst_attention(
             return fn
         return lambda q_, k_, v_, *rest: fn(q_, k_, v_, None, *rest)
 
-    if impl == "allgather":
+    if schedule == "allgather":
         fn = functools.partial(_allgather_shard, seq_axes=seq_axes, attend=attend, **statics)
         mapped = jax.shard_map(with_seg(fn), mesh=mesh, in_specs=(qkv_spec,) * 3 + seg_in,
                                out_specs=qkv_spec, check_vma=False)
@@ -792,7 +881,7 @@ def burst_attention(
     forward = jax.shard_map(
         with_seg(functools.partial(_forward_shard, attend=attend, **statics)), mesh=mesh,
         in_specs=(qkv_spec,) * 3 + seg_in, out_specs=(qkv_spec, lse_spec), check_vma=False)
-    backward_fn = _burst_backward_shard if impl == "burst" else _ring_backward_shard
+    backward_fn = _burst_backward_shard if schedule == "burst" else _ring_backward_shard
     backward = jax.shard_map(
         with_seg(functools.partial(backward_fn, block_k=block_k, **statics)), mesh=mesh,
         in_specs=(qkv_spec,) * 3 + seg_in + (qkv_spec, lse_spec, qkv_spec),
@@ -849,5 +938,6 @@ def ops_backend(
             f"and kv_len {k.shape[1]} (decode against a cache with another backend)")
     if kv_segment_ids is not None and kv_segment_ids is not segment_ids:
         raise ConfigError("the 'burst' backend takes one segment_ids array for q and kv")
+    options.pop("layer", None)  # the model's layer index: every layer runs the same ring
     return burst_attention(q, k, v, mesh=mesh, causal=causal, segment_ids=segment_ids,
                            sm_scale=sm_scale, **options)

@@ -134,7 +134,8 @@ CASES = [
 @pytest.mark.parametrize("impl,layout,causal,segments", CASES)
 def test_matches_full_attention(impl, layout, causal, segments):
     q, k, v, ct, seg = _inputs(seed=len(impl) + causal, segments=segments)
-    got, want = _run(q, k, v, ct, seg, mesh=_mesh(), layout=layout, causal=causal, impl=impl)
+    got, want = _run(q, k, v, ct, seg, mesh=_mesh(), layout=layout, causal=causal,
+                     schedule=impl)
     _assert_close(got, want)
 
 
@@ -144,15 +145,15 @@ def test_multi_head_auto_and_three_axis_mesh():
     mesh = _mesh((2, 2, 2), ("data", "tensor", "sequence"))
     q, k, v, ct, seg = _inputs(seed=3, q_heads=4, kv_heads=4, qk_dim=16, v_dim=16,
                                segments=True)
-    got, want = _run(q, k, v, ct, seg, mesh=mesh, impl="auto", shards=2)
+    got, want = _run(q, k, v, ct, seg, mesh=mesh, schedule="auto", shards=2)
     _assert_close(got, want)
 
 
 @pytest.mark.parametrize("impl", ["burst", "ring"])
 def test_double_ring_equals_single_ring(impl):
     q, k, v, ct, seg = _inputs(seed=7, segments=True)
-    single, want = _run(q, k, v, ct, seg, mesh=_mesh(), impl=impl)
-    double, _ = _run(q, k, v, ct, seg, mesh=_mesh((2, 4), ("node", "sequence")), impl=impl,
+    single, want = _run(q, k, v, ct, seg, mesh=_mesh(), schedule=impl)
+    double, _ = _run(q, k, v, ct, seg, mesh=_mesh((2, 4), ("node", "sequence")), schedule=impl,
                      axis="node", inner_axis="sequence")
     _assert_close(double, single)
     _assert_close(double, want)
@@ -163,7 +164,7 @@ def test_double_ring_equals_single_ring(impl):
 
 def _grad_hlo(mesh, shapes, impl):
     def loss(q, k, v):
-        return jnp.sum(burst_attention(q, k, v, mesh=mesh, impl=impl))
+        return jnp.sum(burst_attention(q, k, v, mesh=mesh, schedule=impl))
 
     args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
@@ -219,7 +220,7 @@ def test_remat_policy_saves_ring_outputs_and_keeps_gradients():
 
     def layer(x, w):
         q, k, v = [(x @ wi).reshape(1, 64, 2, 8) for wi in w]
-        return x + jnp.tanh(burst_attention(q, k, v, mesh=mesh, impl="burst").reshape(x.shape))
+        return x + jnp.tanh(burst_attention(q, k, v, mesh=mesh, schedule="burst").reshape(x.shape))
 
     def model(policy):
         f = layer if policy is None else jax.checkpoint(layer, policy=policy)

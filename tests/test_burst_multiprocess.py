@@ -52,7 +52,7 @@ def inputs() -> list[np.ndarray]:
 def loss_and_grads(mesh, q, k, v, ct, seg):
     """Burst output and (dq, dk, dv) of ``sum(o * ct)`` (zigzag layout, causal, segments)."""
     def loss(q, k, v):
-        o = burst_attention(q, k, v, mesh=mesh, impl="burst", segment_ids=seg)
+        o = burst_attention(q, k, v, mesh=mesh, schedule="burst", segment_ids=seg)
         return jnp.sum(o * ct), o
 
     grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)

@@ -45,7 +45,7 @@ def test_backend_matches_reference_values_and_grads(backend):
 def test_unknown_backend_is_a_config_error():
     q = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ConfigError, match="nope"):
-        ops.attention(q, q, q, backend="nope")
+        ops.attention(q, q, q, impl="nope")
 
 
 def test_default_backend_is_blockwise_for_long_keys(monkeypatch):

@@ -143,6 +143,7 @@ def _attend(
     mask: jax.Array | None,
     sm_scale: float,
     cache_slots: jax.Array | None = None,
+    layer: int | None = None,
 ) -> tuple[jax.Array, LayerCache | None]:
     """Attention of the new tokens, with an optional KV cache.
 
@@ -151,11 +152,14 @@ def _attend(
     ``attend_cache`` (decode, chunked prefill, draft-tree verification) they are first written at
     ``cache_slots`` (default: their positions) and then attend to every cache slot whose index is
     <= their position, or, when ``mask [b, s, max_len]`` is given, exactly to the slots it allows
-    (tree verification writes siblings to scratch slots and passes the tree mask)."""
+    (tree verification writes siblings to scratch slots and passes the tree mask). ``layer``
+    (the layer index) goes to ``ops.attention(layer=)`` for backends that work per layer."""
     slots = positions if cache_slots is None else cache_slots
     new_cache = None if cache is None else _write_cache(cache, k, v, slots)
     if cache is None or not attend_cache:
-        out = ops.attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale)
+        options = {} if layer is None else {"layer": layer}
+        out = ops.attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
+                            **options)
         return out, new_cache
     max_len = new_cache["k"].shape[1]
     if mask is not None:
@@ -184,7 +188,7 @@ class Attention(nnx.Module):
         self.o_proj = linear(hq * d, h, ("heads", "embed"), **kw)
 
     def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache=None,
-                 attend_cache=False, mask=None, cache_slots=None):
+                 attend_cache=False, mask=None, cache_slots=None, layer=None):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -192,7 +196,7 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out, cache = _attend(q, k, v, positions=positions, segment_ids=segment_ids, cache=cache,
                              attend_cache=attend_cache, mask=mask, sm_scale=self.head_dim**-0.5,
-                             cache_slots=cache_slots)
+                             cache_slots=cache_slots, layer=layer)
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
@@ -223,7 +227,7 @@ class MLAttention(nnx.Module):
         self.o_proj = linear(hq * self.v_dim, h, ("heads", "embed"), bias=bias, **kw)
 
     def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache=None,
-                 attend_cache=False, mask=None, cache_slots=None):
+                 attend_cache=False, mask=None, cache_slots=None, layer=None):
         b, s, _ = x.shape
         hq = self.num_heads
         if self.q_rank:
@@ -244,7 +248,7 @@ class MLAttention(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot, (b, s, hq, self.rope_dim))], axis=-1)
         out, cache = _attend(q, k, v, positions=positions, segment_ids=segment_ids, cache=cache,
                              attend_cache=attend_cache, mask=mask, sm_scale=self.qk_dim**-0.5,
-                             cache_slots=cache_slots)
+                             cache_slots=cache_slots, layer=layer)
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 

@@ -29,10 +29,14 @@ from cpmjax.models.rope import rotary_tables
 Cache = list[LayerCache]
 
 
-def _dtype(value) -> Any:
+def resolve_dtype(value: Any) -> Any:
+    """A dtype from its name (``"bfloat16"``, ``"float32"``, ``"float16"``) or the dtype itself."""
     if isinstance(value, str):
         return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[value]
     return value
+
+
+_dtype = resolve_dtype  # the old private name, for callers not yet moved to resolve_dtype
 
 
 class DecoderLayer(nnx.Module):
@@ -48,10 +52,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = mlp_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache=None,
-                 attend_cache=False, mask=None, cache_slots=None):
+                 attend_cache=False, mask=None, cache_slots=None, layer: int | None = None):
+        """``layer``: this layer's index, passed to ``ops.attention(layer=)`` (per-layer
+        backends such as APB's retaining heads read it)."""
         attn_out, cache = self.self_attn(
             self.input_layernorm(x), cos, sin, positions=positions, segment_ids=segment_ids,
             cache=cache, attend_cache=attend_cache, mask=mask, cache_slots=cache_slots,
+            layer=layer,
         )
         if self.residual_scale != 1.0:
             attn_out = attn_out * self.residual_scale
@@ -99,7 +106,7 @@ def run_layers(
         x, layer_cache = layer(
             x, cos, sin, positions=positions, segment_ids=segment_ids,
             cache=None if cache is None else cache[i], attend_cache=attend_cache, mask=mask,
-            cache_slots=cache_slots,
+            cache_slots=cache_slots, layer=i,
         )
         if cache is not None:
             new_cache.append(layer_cache)
