@@ -5,6 +5,8 @@ Public API::
     model = cpmjax.from_pretrained(path, dtype="bfloat16", mesh=None)
     logits = model(input_ids)                       # float32 [batch, seq, vocab]
     result = cpmjax.generate(model, input_ids, max_new_tokens=64, temperature=0.0)
+    result = cpmjax.generate(model, input_ids, 64, speculative=cpmjax.Speculative())  # EAGLE-2
+    cpmjax.default_model_path(), cpmjax.default_draft_path()   # the bundled model and draft
     cpmjax.save_pretrained(model, out_dir)
     tokenizer = cpmjax.load_tokenizer(path)
 """
@@ -14,8 +16,15 @@ from __future__ import annotations
 import os
 
 from cpmjax import errors
-from cpmjax.generate.sampler import GenerationResult, GenerationStats, generate
-from cpmjax.generate.speculative import Speculative, SpeculativeStats
+from cpmjax.generate import (
+    GenerationResult,
+    GenerationStats,
+    SamplingConfig,
+    Speculative,
+    SpeculativeStats,
+    default_draft_path,
+    generate,
+)
 from cpmjax.hf import from_pretrained, save_pretrained
 from cpmjax.models import CausalLM, ModelConfig
 from cpmjax.tokenizer import load_tokenizer
@@ -43,6 +52,8 @@ __all__ = [
     "Speculative",
     "SpeculativeStats",
     "ModelConfig",
+    "SamplingConfig",
+    "default_draft_path",
     "default_model_path",
     "errors",
     "from_pretrained",

@@ -47,9 +47,8 @@ def _windows(tokenizer, file: str, count: int, length: int, seed: int) -> list[l
 
 def main(argv: list[str] | None = None) -> int:
     import cpmjax
-    from cpmjax.generate.cli import DEFAULT_FREQ_VOCAB, default_draft_path
+    from cpmjax.generate import DEFAULT_FREQ_VOCAB, Speculative, default_draft_path
     from cpmjax.generate.eagle import load_draft
-    from cpmjax.generate.speculative import Speculative
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)

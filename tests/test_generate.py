@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, MiniCPM3ForCausalLM
 
 import cpmjax
 from cpmjax import errors
-from cpmjax.generate.sampler import SamplingConfig, sample_logits
+from cpmjax.generate import SamplingConfig, sample_logits
 
 
 @pytest.fixture(scope="module")

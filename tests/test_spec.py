@@ -16,6 +16,7 @@ from helpers import word_tokenizer
 
 import cpmjax
 from cpmjax import errors
+from cpmjax.generate import SamplingConfig
 from cpmjax.generate.eagle import (
     EagleDraft,
     draft_loss,
@@ -26,7 +27,6 @@ from cpmjax.generate.eagle import (
     train_draft,
 )
 from cpmjax.generate.frspec import rank_by_frequency
-from cpmjax.generate.sampler import SamplingConfig
 from cpmjax.generate.speculative import (
     Speculative,
     _draft_tree,
@@ -154,7 +154,7 @@ def test_draft_tree_matches_path_reforward(setup):
         padded[i, : len(p)] = p
     st = _Static(depth=depth, top_k=k, total_tokens=total, cache_len=64,
                  sampling=SamplingConfig(), stop_ids=(), pad_id=0, max_new_tokens=8,
-                 head_backend="xla", subset=False, max_positions=128)
+                 head_impl="reference", subset=False, max_positions=128)
     tgraph, tstate = nnx.split(model)
     dgraph, dstate = nnx.split(draft)
     carry = jax.jit(lambda *a: _prefill_fn(tgraph, dgraph, st, *a))(

@@ -204,8 +204,7 @@ def test_subset_draft_head_kernel_backends(backend):
 def test_sample_nodes_matches_filtered_distribution():
     """One inverse-CDF sample per node follows softmax(filtered logits): temperature, top-k and
     top-p as ``sample_logits`` applies them (filtered ids are never drawn)."""
-    from cpmjax.generate.sampler import SamplingConfig
-    from cpmjax.generate.speculative import filtered_logits, sample_nodes
+    from cpmjax.generate import SamplingConfig, filtered_logits, sample_nodes
 
     rs = np.random.RandomState(3)
     logits = jnp.asarray(rs.randn(1, 3, 12) * 2, jnp.float32)

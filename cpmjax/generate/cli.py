@@ -9,7 +9,9 @@
 
 ``register`` adds the first two and, when the ``generate`` subparser exists, its speculative
 flags (``add_generate_flags``); ``generate --spec eagle2|frspec`` then decodes with
-``build_speculative(args, model)``. Without ``--draft`` the draft shipped beside the bundled model is used.
+``build_speculative(args, model)``. Without ``--draft`` the draft shipped beside the bundled model
+is used (``cpmjax.default_draft_path()``), without ``--freq-vocab`` that draft's
+``freq_vocab.npy``.
 """
 
 from __future__ import annotations
@@ -19,20 +21,7 @@ import sys
 from typing import Any
 
 from cpmjax.errors import ConfigError, MissingPathError
-
-DEFAULT_DRAFT_NAME = "cpmjax-tiny-draft"
-DEFAULT_FREQ_VOCAB = "freq_vocab.npy"
-
-
-def default_draft_path() -> str:
-    """Directory of the draft shipped for the bundled default model."""
-    import cpmjax
-
-    path = os.path.join(os.path.dirname(os.path.abspath(cpmjax.__file__)), "assets",
-                        DEFAULT_DRAFT_NAME)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise MissingPathError(f"no bundled draft at {path}; pass --draft DIR")
-    return path
+from cpmjax.generate.speculative import DEFAULT_FREQ_VOCAB, Speculative
 
 
 def register(subparsers) -> None:
@@ -78,18 +67,13 @@ def add_generate_flags(parser) -> None:
     parser.add_argument("--total-tokens", type=int, default=60)
 
 
-def build_speculative(args, model) -> Any:
-    """A ``Speculative`` from parsed ``generate`` flags."""
-    from cpmjax.generate.speculative import Speculative
-
-    draft = args.draft or default_draft_path()
-    subset = subset_size = None
+def build_speculative(args, model) -> Speculative:
+    """A ``Speculative`` from parsed ``generate`` flags (no ``--draft``: the bundled draft; no
+    ``--freq-vocab``: the draft directory's; no ``--subset``: ``vocab / 4``)."""
+    subset_size = None
     if args.spec == "frspec":
-        subset = args.freq_vocab or os.path.join(draft, DEFAULT_FREQ_VOCAB)
-        if not os.path.isfile(subset):
-            raise MissingPathError(f"no frequency vocabulary at {subset}; pass --freq-vocab")
         subset_size = args.subset or max(args.spec_top_k, model.config.vocab_size // 4)
-    return Speculative(draft=draft, method=args.spec, vocab_subset=subset,
+    return Speculative(draft=args.draft, method=args.spec, vocab_subset=args.freq_vocab,
                        subset_size=subset_size, depth=args.depth, top_k=args.spec_top_k,
                        total_tokens=args.total_tokens, time_phases=True)
 

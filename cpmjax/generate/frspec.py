@@ -12,6 +12,7 @@ draft proposes changes.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -98,13 +99,32 @@ def load_freq_vocab(path_or_ids: Any, subset: int | None = None,
     return ids
 
 
+# the draft head's implementations (the library-wide kernel vocabulary; hard-coded here until
+# pallas_kernels exports one list of them)
+HEAD_IMPLS = ("reference", "blockwise", "pallas")
+_DEPRECATED_IMPLS = {"xla": "reference"}
+
+
+def resolve_head_impl(impl: str, *, what: str = "draft head impl") -> str:
+    """``impl`` checked against ``HEAD_IMPLS``; the old name ``"xla"`` (= ``"reference"``) is
+    accepted with a ``DeprecationWarning``. Raises ``ConfigError`` naming the value."""
+    if impl in _DEPRECATED_IMPLS:
+        warnings.warn(f"{what}={impl!r} is deprecated; use {_DEPRECATED_IMPLS[impl]!r}",
+                      DeprecationWarning, stacklevel=3)
+        impl = _DEPRECATED_IMPLS[impl]
+    if impl not in HEAD_IMPLS:
+        raise ConfigError(f"{what} {impl!r}: use one of {HEAD_IMPLS}")
+    return impl
+
+
 def draft_topk(
     hidden: jax.Array,
     weight: jax.Array,
     top_k: int,
     subset_ids: jax.Array | None = None,
     *,
-    backend: str = "xla",
+    impl: str = "reference",
+    backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` draft tokens and their log-probabilities.
 
@@ -113,16 +133,20 @@ def draft_topk(
     only. Returns ``(ids [..., k] int32`` in the full vocabulary, ``log_probs [..., k]``
     float32), best first.
 
-    ``backend="xla"``: matmul + log-softmax + ``lax.top_k``; ``"blockwise"``:
+    ``impl="reference"``: matmul + log-softmax + ``lax.top_k``; ``"blockwise"``:
     ``pallas_kernels.fr_lm_head_blockwise`` (tiles of the head, running top-k and log-sum-exp);
-    ``"pallas"``: ``pallas_kernels.fr_lm_head`` (fused kernel; interpreted on CPU)."""
-    if backend in ("pallas", "blockwise"):
+    ``"pallas"``: ``pallas_kernels.fr_lm_head`` (fused kernel; interpreted on CPU).
+    ``backend=`` is the deprecated name of ``impl=`` (and ``"xla"`` of ``"reference"``)."""
+    if backend is not None:
+        warnings.warn("draft_topk(backend=...) is deprecated; use impl=", DeprecationWarning,
+                      stacklevel=2)
+        impl = backend
+    impl = resolve_head_impl(impl)
+    if impl in ("pallas", "blockwise"):
         from pallas_kernels.fr_lm_head import fr_lm_head, fr_lm_head_blockwise
 
-        kernel = fr_lm_head if backend == "pallas" else fr_lm_head_blockwise
+        kernel = fr_lm_head if impl == "pallas" else fr_lm_head_blockwise
         ids, logp = kernel(hidden, weight, None, top_k=top_k)
-    elif backend != "xla":
-        raise ConfigError(f"draft head backend {backend!r}: use 'xla', 'blockwise' or 'pallas'")
     else:
         logits = jnp.einsum("...d,vd->...v", hidden, weight,
                             preferred_element_type=jnp.float32)

@@ -1,27 +1,64 @@
-"""Prefill strategies that run a model across a mesh: APB / Star Attention.
+"""Prefill strategies: fill the KV cache with the prompt and return the logits after it.
 
-:func:`apb_prefill` runs a cpmjax model on the APB expanded layout (filling the KV cache with
-every host's local KV) and then runs the query tokens against the whole sequence-sharded cache
-through :func:`sharding.apb_decode.decode_attention` (:func:`sharded_cache_transform`).
-The attention arithmetic lives in :mod:`sharding`; this module is the model-level glue.
+- ``"local"``: one device; prompts right-padded to a length bucket (``local_prefill_fn``).
+- ``"ring"``: exact, sequence-parallel over the ``sequence`` axis of a mesh (BurstAttention
+  ring through ``ops.attention_backend("burst", ...)``; ``ring_prefill_fn``).
+- ``"apb"`` / ``"star"``: approximate long-context prefill (anchor + compressed passing blocks,
+  or anchor + local block): :func:`apb_prefill` runs a cpmjax model on the APB expanded layout
+  (filling the KV cache with every host's local KV) and then runs the query tokens against the
+  whole sequence-sharded cache through :func:`sharding.apb.decode_attention`
+  (:func:`sharded_cache_transform`). The attention arithmetic lives in :mod:`sharding`; this
+  module is the model-level glue.
+
+``check_prefill`` validates a strategy with its mesh and options before any compute. A
+distributed prefill lays out one prompt length at a time: ``by_length`` runs a request as one
+batch per prompt length and puts the rows back in input order.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpmjax import ops
-from cpmjax.errors import ConfigError
-from sharding.apb import APBLayout, _axis_size, make_method_layout
-from sharding.apb_decode import decode_attention
+from cpmjax.errors import ConfigError, ShardingError
+from cpmjax.generate.driver import GenerationResult, GenerationStats, Request
+from sharding.apb import APBLayout, decode_attention, make_method_layout
 
-__all__ = ["apb_prefill", "sharded_cache_transform"]
+__all__ = [
+    "DISTRIBUTED",
+    "PREFILLS",
+    "apb_prefill",
+    "by_length",
+    "check_prefill",
+    "distributed_cache_len",
+    "local_prefill_fn",
+    "method_prefill_fn",
+    "ring_prefill_fn",
+    "ring_width",
+    "sharded_cache_transform",
+]
+
+PREFILLS = ("local", "apb", "star", "ring")
+DISTRIBUTED = ("apb", "star", "ring")
+
+
+def _axis_size(mesh: Mesh, axis: str) -> int:
+    """Size of ``axis`` of ``mesh``; ``ShardingError`` when it is not a mesh or has no such
+    axis."""
+    if not isinstance(mesh, Mesh):
+        raise ShardingError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.shape:
+        raise ShardingError(f"axis={axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    return int(mesh.shape[axis])
 
 
 def apb_prefill(
@@ -38,7 +75,8 @@ def apb_prefill(
     query_offset: int = 0,
     scorer: str | Callable[..., jax.Array] = "query",
     retaining_head: Any = None,
-    attention_impl: Any = "blockwise",
+    impl: Any = "blockwise",
+    attention_impl: Any = None,
 ) -> tuple[jax.Array, Any, APBLayout]:
     """Distributed prefill of a cpmjax ``CausalLM`` (``method`` ``"apb"`` or ``"star"``).
 
@@ -47,7 +85,14 @@ def apb_prefill(
     the expanded layout through the model inside ``attention_backend("apb", ...)``, writing only
     local rows to the cache at their input positions (anchor and padding rows are dropped), then
     the query tokens (if any) against the full cache. Returns ``(last_logits [b, vocab], cache,
-    layout)``; decoding continues from position ``seq`` with the returned cache."""
+    layout)``; decoding continues from position ``seq`` with the returned cache. ``impl``: the
+    hosts' local attention (``sharding.apb.apb_local_attention``; ``attention_impl`` is its
+    deprecated name). A per-layer scorer (``RetainingHeads``) gets each layer's index through
+    ``ops.attention(layer=)``."""
+    if attention_impl is not None:
+        warnings.warn("apb_prefill(attention_impl=...) is deprecated; use impl=",
+                      DeprecationWarning, stacklevel=2)
+        impl = attention_impl
     b, seq = tokens.shape
     hosts = _axis_size(mesh, axis)
     layout = make_method_layout(method, seq, hosts=hosts, anchor_len=anchor_len,
@@ -62,9 +107,7 @@ def apb_prefill(
     positions = jnp.broadcast_to(jnp.asarray(layout.positions()), exp_tokens.shape)
     slots = jnp.broadcast_to(jnp.asarray(layout.cache_slots(cache_len)), exp_tokens.shape)
     with ops.attention_backend("apb", mesh=mesh, layout=layout, axis=axis, scorer=scorer,
-                               retaining_head=retaining_head, attention_impl=attention_impl):
-        if hasattr(scorer, "reset"):
-            scorer.reset()
+                               retaining_head=retaining_head, impl=impl):
         hidden, cache = model(exp_tokens, positions=positions, cache=cache, cache_slots=slots,
                               return_hidden=True, rope_seq_len=seq)
     c = layout.context_len
@@ -103,3 +146,100 @@ def sharded_cache_transform(mesh: Mesh, axis: str, cache_len: int
         return wrapped
 
     return transform
+
+
+# ----------------------------------------------------------------------------------------------
+# strategies as the decode paths use them
+def _apb_option_names() -> set[str]:
+    skip = {"model", "tokens", "cache", "mesh", "method"}
+    return {name for name, p in inspect.signature(apb_prefill).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and name not in skip}
+
+
+def check_prefill(prefill: str, mesh: Mesh | None, options: dict[str, Any] | None) -> str:
+    """Validate a prefill strategy with its mesh and options before any compute; returns the
+    strategy's name (``"full"`` is an old name of ``"local"``). Raises ``ConfigError`` naming
+    the culprit."""
+    if prefill == "full":
+        prefill = "local"
+    if prefill not in PREFILLS:
+        raise ConfigError(f"prefill={prefill!r}; expected local, apb, star or ring")
+    if prefill in DISTRIBUTED and (mesh is None or "sequence" not in mesh.shape):
+        raise ConfigError(f"prefill={prefill!r} needs mesh= with a 'sequence' axis")
+    if options:
+        if prefill not in ("apb", "star"):
+            raise ConfigError(
+                f"prefill_options {sorted(options)} are APB / Star settings; prefill={prefill!r} "
+                "takes none")
+        unknown = sorted(set(options) - _apb_option_names())
+        if unknown:
+            raise ConfigError(
+                f"prefill_options {unknown} are not settings of prefill={prefill!r}; known: "
+                f"{sorted(_apb_option_names())}")
+    return prefill
+
+
+def local_prefill_fn(graphdef: Any, state: Any, tokens: jax.Array, lengths: jax.Array,
+                     cache: Any) -> tuple[jax.Array, Any]:
+    """Run the right-padded prompts ``tokens [b, s]`` (``lengths [b]`` real tokens), fill the
+    cache (slot = position); returns ``(last-real-token logits [b, vocab], cache)``."""
+    model = nnx.merge(graphdef, state)
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    hidden, cache = model(tokens, positions=positions, cache=cache, return_hidden=True,
+                          rope_seq_len=jnp.max(lengths))
+    last = hidden[jnp.arange(b), lengths - 1]
+    return ops.lm_head(last, model.head_weight()), cache
+
+
+def ring_prefill_fn(graphdef: Any, mesh: Mesh, state: Any, tokens: jax.Array,
+                    lengths: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    """``local_prefill_fn`` with exact sequence-parallel attention over the ``sequence`` axis of
+    ``mesh`` (``tokens [b, s]`` with ``s`` a multiple of the axis size: ``ring_width``)."""
+    with ops.attention_backend("burst", mesh=mesh, layout="contiguous"):
+        return local_prefill_fn(graphdef, state, tokens, lengths, cache)
+
+
+def method_prefill_fn(graphdef: Any, method: str, options: tuple, mesh: Mesh, state: Any,
+                      tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    """APB / Star prefill (``apb_prefill``) of equal-length prompts ``tokens [b, s]``;
+    ``options`` as sorted ``(name, value)`` pairs. Returns ``(last logits [b, vocab], cache)``."""
+    model = nnx.merge(graphdef, state)
+    logits, cache, _ = apb_prefill(model, tokens, cache, mesh=mesh, method=method,
+                                   **dict(options))
+    return logits, cache
+
+
+def ring_width(seq: int, hosts: int) -> int:
+    """Prompt width right-padded so that every host of the ring holds a block."""
+    return -(-seq // hosts) * hosts
+
+
+def distributed_cache_len(seq: int, max_new_tokens: int, hosts: int) -> int:
+    """Cache slots for a distributed prefill: prompt + new tokens, rounded up to a multiple of
+    ``hosts * 8`` (the cache is sharded along the sequence)."""
+    return -(-(seq + max_new_tokens) // (hosts * 8)) * hosts * 8
+
+
+def by_length(run: Callable[[Request], GenerationResult], request: Request
+              ) -> GenerationResult:
+    """``run`` once per group of equal-length prompts (a distributed prefill's layout depends on
+    the length), the results put back in input order (sampling seeds the same per group)."""
+    lengths = request.lengths
+    groups = np.unique(lengths)
+    if groups.size == 1:
+        return run(request)
+    batch, max_new = request.batch, request.max_new_tokens
+    out = np.full((batch, max_new), request.pad_id, np.int32)
+    new_lengths = np.zeros((batch,), lengths.dtype)
+    stats = GenerationStats(prompt_tokens=int(lengths.sum()))
+    for length in groups:
+        rows = np.flatnonzero(lengths == length)
+        res = run(request.rows(rows, int(length)))
+        out[rows, : res.tokens.shape[1]] = res.tokens
+        new_lengths[rows] = res.lengths
+        for field in ("new_tokens", "prefill_seconds", "decode_seconds", "compile_seconds"):
+            setattr(stats, field, getattr(stats, field) + getattr(res.stats, field))
+        stats.decode_steps = max(stats.decode_steps, res.stats.decode_steps)
+    return GenerationResult(tokens=out[:, : stats.decode_steps], lengths=new_lengths,
+                            stats=stats)

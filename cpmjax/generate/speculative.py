@@ -10,8 +10,9 @@ One *cycle* (the body of a ``lax.while_loop``, batched, every row independent):
 2. **Verify** (``_verify``): one target forward over the ``total_tokens + 1`` tree tokens written
    to scratch slots ``[cache_len, cache_len + T)`` of the target cache, at tree positions, under
    the tree mask.
-3. **Accept / commit** (``_commit``): the target picks its token after every node (argmax, or one
-   sample per node from its temperature / top-k / top-p distribution); the longest draft path
+3. **Accept / commit** (``_commit``): the target picks its token after every node it reaches
+   (argmax, or one sample per node from its temperature / top-k / top-p distribution, drawn
+   along the walk from the root: ``_sample_path``); the longest draft path
    that agrees is accepted, plus the target's token after it (the *bonus*). The accepted path's
    keys/values are copied from the scratch slots to consecutive slots (slot = position again),
    and the draft re-reads the accepted path with the target's true features (its KV cache gets
@@ -25,9 +26,13 @@ and accept ``x_2`` with probability ``p(x_2) / (1 - p(x_1))``; ...; if every sib
 sample from ``p`` without the siblings. The probability of ending with token ``y`` is exactly
 ``p(y)``, and that is also what one draws by sampling ``y ~ p`` once and descending into the
 child whose token is ``y`` when there is one. The implementation uses that form: one
-independent sample per tree node (``sample_nodes``), so the output is distributed exactly as
-vanilla sampling (greedy is the special case of the argmax). FR-Spec only changes which candidates are proposed
-(the draft scores ``V_s`` frequent ids), never ``p``.
+independent sample (``sample_nodes``) at each node of the walk from the root, so the output is
+distributed exactly as vanilla sampling (greedy is the special case of the argmax). FR-Spec
+only changes which candidates are proposed (the draft scores ``V_s`` frequent ids), never ``p``.
+
+After a prefill on one device (``"local"``) or the exact ring (``"ring"``, which leaves the same
+caches); the approximate APB / Star prefills are refused by ``cpmjax.generate``: the draft has
+no features of the prompt they compress.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -43,55 +49,102 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from cpmjax import ops
-from cpmjax.errors import ConfigError
+from cpmjax.errors import ConfigError, MissingPathError
 from cpmjax.generate import tree as tree_lib
-from cpmjax.generate.eagle import EagleDraft, check_compatible, load_draft
-from cpmjax.generate.frspec import draft_topk, head_flops, load_freq_vocab
-from cpmjax.generate.sampler import (
-    _COMPILED,
+from cpmjax.generate.driver import (
     GenerationResult,
     GenerationStats,
-    SamplingConfig,
-    _bucket,
-    _Compiled,
-    filtered_logits,
-    sample_logits,
+    Request,
+    bucket,
+    compile_cache,
+    compiled,
+    drive,
     validate_request,
 )
+from cpmjax.generate.eagle import EagleDraft, check_compatible, load_draft
+from cpmjax.generate.frspec import (
+    HEAD_IMPLS,
+    draft_topk,
+    head_flops,
+    load_freq_vocab,
+    resolve_head_impl,
+)
+from cpmjax.generate.prefill import ring_width
+from cpmjax.generate.sampling import SamplingConfig, sample_logits, sample_nodes
 from cpmjax.models import CausalLM
 from cpmjax.timing import median_seconds
 
+__all__ = [
+    "DEFAULT_DRAFT_NAME",
+    "DEFAULT_FREQ_VOCAB",
+    "METHODS",
+    "Speculative",
+    "SpeculativeStats",
+    "default_draft_path",
+    "resolve",
+    "run_speculative",
+]
+
 METHODS = ("eagle2", "frspec")
+
+
+DEFAULT_DRAFT_NAME = "cpmjax-tiny-draft"
+DEFAULT_FREQ_VOCAB = "freq_vocab.npy"
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+def default_draft_path() -> str:
+    """Directory of the EAGLE draft shipped for the bundled default model (``cpmjax-tiny``);
+    it holds the draft's ``config.json``, ``model.safetensors`` and its FR-Spec
+    ``freq_vocab.npy``."""
+    path = os.path.join(_ASSETS, DEFAULT_DRAFT_NAME)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise MissingPathError(f"no bundled draft at {path}; pass a draft directory")
+    return path
 
 
 @dataclasses.dataclass
 class Speculative:
     """Speculative decoding settings for ``cpmjax.generate(..., speculative=...)``.
 
-    - ``draft``: an ``EagleDraft`` or the directory of a saved one (``save_draft``).
+    - ``draft``: an ``EagleDraft`` or the directory of a saved one (``save_draft``); ``None``:
+      the draft shipped for the bundled model (``default_draft_path()``).
     - ``method``: ``"eagle2"`` (full-vocabulary draft head) or ``"frspec"`` (the draft scores
       only ``vocab_subset``).
     - ``vocab_subset``: for ``"frspec"``, the frequency-ranked ids (an int array or a ``.npy``
-      written by ``cpmjax freq-vocab``); ``subset_size`` keeps the first that many.
+      written by ``cpmjax freq-vocab``); ``None``: the draft directory's own
+      ``freq_vocab.npy``. ``subset_size`` keeps the first that many; ``None``: the whole given
+      list, or, with the draft directory's list, ``vocab_size // 4`` (at least ``top_k``) as
+      ``cpmjax generate --spec frspec`` does.
     - ``depth``: draft steps (tree depth); ``top_k``: branching per step; ``total_tokens``: draft
       tokens verified per cycle (the tree also holds the root token).
-    - ``head_backend``: the draft head's top-k: ``"xla"``, ``"blockwise"`` or ``"pallas"``
-      (``pallas_kernels.fr_lm_head``; use it on GPU/TPU).
+    - ``head_impl``: the draft head's top-k: ``"reference"`` (matmul + log-softmax + top-k),
+      ``"blockwise"`` or ``"pallas"`` (``pallas_kernels.fr_lm_head``; use it on GPU/TPU).
+      ``head_backend=`` and ``"xla"`` are deprecated names of the same settings.
     - ``time_phases``: after generating, time the draft and verify phases as separate
       executables on the final state and report their shares of a cycle in the stats.
     """
 
-    draft: Any
+    draft: Any = None
     method: str = "eagle2"
     vocab_subset: Any = None
     subset_size: int | None = None
     depth: int = 6
     top_k: int = 10
     total_tokens: int = 60
-    head_backend: str = "xla"
+    head_impl: str = "reference"
     time_phases: bool = False
+    head_backend: dataclasses.InitVar[str | None] = None
+
+    def __post_init__(self, head_backend: str | None) -> None:
+        if head_backend is not None:
+            warnings.warn("Speculative(head_backend=...) is deprecated; use head_impl= "
+                          "('xla' is now 'reference')", DeprecationWarning, stacklevel=3)
+            self.head_impl = "reference" if head_backend == "xla" else head_backend
+        self.head_impl = resolve_head_impl(self.head_impl, what="Speculative head_impl")
 
 
 @dataclasses.dataclass
@@ -122,7 +175,7 @@ class _Static:
     stop_ids: tuple[int, ...]
     pad_id: int
     max_new_tokens: int
-    head_backend: str
+    head_impl: str
     subset: bool
     max_positions: int
 
@@ -138,8 +191,10 @@ class _Static:
 _DRAFTS: dict[str, EagleDraft] = {}
 
 
-def resolve(spec: Speculative, model: CausalLM) -> tuple[EagleDraft, np.ndarray | None]:
-    """Validate ``spec`` against ``model``; return the draft module and the subset ids."""
+def check_speculative(spec: Any) -> None:
+    """The checks of ``spec`` that need no model (method, tree shape); ``ConfigError``."""
+    if not isinstance(spec, Speculative):
+        raise ConfigError(f"speculative must be a cpmjax.Speculative, got {spec!r}")
     if spec.method not in METHODS:
         raise ConfigError(f"speculative method {spec.method!r} is unknown; use one of {METHODS}")
     if spec.depth < 1 or spec.top_k < 1 or spec.total_tokens < 1:
@@ -153,24 +208,45 @@ def resolve(spec: Speculative, model: CausalLM) -> tuple[EagleDraft, np.ndarray 
             f"total_tokens={spec.total_tokens} exceeds the {limit} candidates that depth="
             f"{spec.depth}, top_k={spec.top_k} produce"
         )
-    if spec.head_backend not in ("xla", "blockwise", "pallas"):
-        raise ConfigError(
-            f"head_backend {spec.head_backend!r}: use 'xla', 'blockwise' or 'pallas'")
-    draft = spec.draft
-    if isinstance(draft, (str, os.PathLike)):
-        key = f"{os.path.abspath(os.fspath(draft))}|{jnp.dtype(model.dtype).name}"
+    if spec.head_impl not in HEAD_IMPLS:
+        raise ConfigError(f"head_impl {spec.head_impl!r}: use one of {HEAD_IMPLS}")
+
+
+def resolve(spec: Speculative, model: CausalLM) -> tuple[EagleDraft, np.ndarray | None]:
+    """Validate ``spec`` against ``model``; return the draft module and the subset ids
+    (``[V_s]`` int32 for FR-Spec, else ``None``). Fills the defaults: no draft = the bundled
+    one, no FR-Spec vocabulary = the draft directory's ``freq_vocab.npy``."""
+    check_speculative(spec)
+    draft = default_draft_path() if spec.draft is None else spec.draft
+    directory = os.fspath(draft) if isinstance(draft, (str, os.PathLike)) else None
+    if directory is not None:
+        key = f"{os.path.abspath(directory)}|{jnp.dtype(model.dtype).name}"
         if key not in _DRAFTS:
-            _DRAFTS[key] = load_draft(draft, dtype=model.dtype)
+            _DRAFTS[key] = load_draft(directory, dtype=model.dtype)
         draft = _DRAFTS[key]
     if not isinstance(draft, EagleDraft):
         raise ConfigError(f"speculative draft must be an EagleDraft or a directory, got {draft!r}")
-    check_compatible(draft, model)
+    try:
+        check_compatible(draft, model)
+    except ConfigError as exc:
+        if spec.draft is None:
+            raise ConfigError(f"{exc} (draft=None is the draft shipped for the bundled model; "
+                              "pass the draft trained for this one)") from None
+        raise
     vocab = model.config.vocab_size
     subset = None
     if spec.method == "frspec":
-        if spec.vocab_subset is None:
-            raise ConfigError("method='frspec' needs vocab_subset (a freq-vocab .npy or ids)")
-        subset = load_freq_vocab(spec.vocab_subset, spec.subset_size, vocab_size=vocab)
+        ranked, size = spec.vocab_subset, spec.subset_size
+        if ranked is None:
+            ranked = None if directory is None else os.path.join(directory, DEFAULT_FREQ_VOCAB)
+            if ranked is None or not os.path.isfile(ranked):
+                where = "an EagleDraft object" if ranked is None else f"no {ranked}"
+                raise ConfigError(
+                    f"method='frspec' needs vocab_subset (a freq-vocab .npy or ids): {where} "
+                    f"to take the draft directory's {DEFAULT_FREQ_VOCAB} from")
+            if size is None:
+                size = max(spec.top_k, vocab // 4)
+        subset = load_freq_vocab(ranked, size, vocab_size=vocab)
     elif spec.vocab_subset is not None:
         raise ConfigError("vocab_subset is used only by method='frspec'")
     scored = vocab if subset is None else subset.size
@@ -192,7 +268,7 @@ def _draft_tree(target: CausalLM, draft: EagleDraft, head: jax.Array, subset_ids
     k, depth = st.top_k, st.depth
     pos, root_feature, dcache = carry["pos"], carry["root_feature"], carry["dcache"]
     b = pos.shape[0]
-    ids, logp = draft_topk(root_feature, head, k, subset_ids, backend=st.head_backend)
+    ids, logp = draft_topk(root_feature, head, k, subset_ids, impl=st.head_impl)
     pool_tokens, pool_scores = [ids], [logp]
     pool_parents = [jnp.full((b, k), -1, jnp.int32)]
     frontier_tokens, frontier_scores = ids, logp  # [b, k]
@@ -209,7 +285,7 @@ def _draft_tree(target: CausalLM, draft: EagleDraft, head: jax.Array, subset_ids
         slots = jnp.broadcast_to(st.cache_len + own, (b, k))
         out, dcache = draft(frontier_feat, target.embed(frontier_tokens), positions=positions,
                             cache=dcache, attend_cache=True, mask=mask, cache_slots=slots)
-        ids, logp = draft_topk(out, head, k, subset_ids, backend=st.head_backend)  # [b, k, k]
+        ids, logp = draft_topk(out, head, k, subset_ids, impl=st.head_impl)  # [b, k, k]
         scores = (frontier_scores[..., None] + logp).reshape(b, k * k)
         ids = ids.reshape(b, k * k)
         pool_tokens.append(ids)
@@ -270,8 +346,8 @@ def _commit(target: CausalLM, draft: EagleDraft, st: _Static, carry: dict,
     depth = st.depth
     if st.sampling.greedy:
         choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-        choice = sample_nodes(logits, key, st.sampling)
+    else:  # the [b, T, vocab] logits go unused (and uncomputed): only the path is sampled
+        choice = _sample_path(target, hidden, tree, key, st.sampling, depth)
     accept_len, path, bonus = tree_lib.accept(tree, choice, depth)
     active = ~carry["done"]
     pos, lengths = carry["pos"], carry["lengths"]
@@ -326,19 +402,34 @@ def _commit(target: CausalLM, draft: EagleDraft, st: _Static, carry: dict,
     )
 
 
-def sample_nodes(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """One independent sample per tree node from the filtered target distribution:
-    ``logits [b, T, vocab]`` -> ``[b, T]`` int32, by inverting the CDF at one uniform per node
-    (``T`` random numbers instead of the ``T * vocab`` Gumbel draws of
-    ``jax.random.categorical``; the distribution is the same, up to float32 rounding of the
-    CDF)."""
-    probs = jax.nn.softmax(filtered_logits(logits, sampling), axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
-    index = jnp.sum(cdf <= u, axis=-1)
-    # never land on a zero-probability id (u at the very top of the CDF, or rounding)
-    last_kept = logits.shape[-1] - 1 - jnp.argmax(probs[..., ::-1] > 0, axis=-1)
-    return jnp.minimum(index, last_kept).astype(jnp.int32)
+def _sample_path(target: CausalLM, hidden: jax.Array, tree: tree_lib.Tree, key: jax.Array,
+                 sampling: SamplingConfig, depth: int) -> jax.Array:
+    """The target's sampled token after each node on the walk from the root: ``[b, T]`` int32,
+    -1 at the nodes the walk does not reach.
+
+    The walk samples the root's token (one ``sample_nodes`` draw from the target distribution
+    after it, computed from ``hidden [b, T, h]`` for that node only), moves to the child that
+    carries it, samples there, and so on until no child matches. ``tree_lib.accept`` then finds
+    that same path. Each visited node gets one independent sample from its distribution, so
+    the committed tokens are distributed exactly as with one sample at every node (the samples
+    at nodes off the walk are never read); the cost is ``depth + 1`` rows of logits, filtering
+    and sampling per row instead of ``T``."""
+    b, t = tree.tokens.shape
+    rows = jnp.arange(b)
+    weight = target.head_weight()
+    choice = jnp.full((b, t), -1, jnp.int32)
+    node = jnp.zeros((b,), jnp.int32)
+    walking = jnp.ones((b,), bool)
+    for d, sub in enumerate(jax.random.split(key, depth + 1)):
+        logits = ops.lm_head(hidden[rows, node], weight)  # [b, vocab]
+        token = sample_nodes(logits[:, None], sub, sampling)[:, 0]
+        choice = choice.at[rows, node].set(jnp.where(walking, token, choice[rows, node]))
+        if d == depth:
+            break
+        child = (tree.parents == node[:, None]) & (tree.tokens == token[:, None])  # [b, T]
+        walking = walking & jnp.any(child, axis=-1)
+        node = jnp.where(walking, jnp.argmax(child, axis=-1).astype(jnp.int32), node)
+    return choice
 
 
 def _prefill_fn(tgraph, dgraph, st: _Static, tstate, dstate, tokens, lengths, tcache, dcache,
@@ -423,58 +514,52 @@ def _verify_phase_fn(tgraph, dgraph, st, iterations, tstate, dstate, head, subse
 
 
 # ----------------------------------------------------------------------------------------------
-def speculative_generate(
+def _ring_prefill_fn(tgraph, dgraph, st: _Static, mesh: Mesh, *args):
+    """``_prefill_fn`` with exact sequence-parallel attention (BurstAttention ring) over the
+    ``sequence`` axis of ``mesh``: the same logits, features and caches as one device."""
+    with ops.attention_backend("burst", mesh=mesh, layout="contiguous"):
+        return _prefill_fn(tgraph, dgraph, st, *args)
+
+
+def run_speculative(
     model: CausalLM,
-    input_ids: Any,
-    max_new_tokens: int,
+    request: Request,
     speculative: Speculative,
+    resolved: tuple[EagleDraft, np.ndarray | None],
     *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stop_token_ids: Sequence[int] = (),
-    pad_token_id: int | None = None,
+    prefill: str = "local",
+    mesh: Mesh | None = None,
     stream: Callable[[np.ndarray], None] | None = None,
     stream_every: int = 8,
-) -> GenerationResult:
-    """``cpmjax.generate`` with speculative decoding (same arguments and result; the stats are a
-    ``SpeculativeStats``). Greedy output equals vanilla greedy output token for token; sampled
-    output has exactly the vanilla distribution."""
-    result, _ = _generate(model, input_ids, max_new_tokens, speculative, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
-                          pad_token_id=pad_token_id, stream=stream, stream_every=stream_every)
-    return result
-
-
-def _generate(model, input_ids, max_new_tokens, speculative, *, temperature=0.0, top_k=0,
-              top_p=1.0, seed=0, stop_token_ids=(), pad_token_id=None, stream=None,
-              stream_every=8):
-    """``speculative_generate`` that also returns the final loop carry (caches included)."""
+) -> tuple[GenerationResult, dict]:
+    """Speculative decoding of a validated ``request`` with ``resolved = resolve(speculative,
+    model)``; ``prefill`` ``"local"`` or ``"ring"`` (exact, over the ``sequence`` axis of
+    ``mesh``). Returns the result (``tokens [batch, n]``, stats a ``SpeculativeStats``) and the
+    final loop carry (caches included). Greedy output equals vanilla greedy output token for
+    token; sampled output has exactly the vanilla distribution."""
+    draft, subset = resolved
     config = model.config
-    tokens, lengths, pad_id = validate_request(
-        config, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        pad_token_id=pad_token_id,
-    )
-    draft, subset = resolve(speculative, model)
-    longest = int(lengths.max())
-    batch = tokens.shape[0]
-    bucket = min(_bucket(longest), config.max_position_embeddings)
-    padded = np.full((batch, bucket), pad_id, np.int32)
-    padded[:, :longest] = tokens[:, :bucket]
+    tokens, lengths, pad_id = request.tokens, request.lengths, request.pad_id
+    longest, batch = request.longest, request.batch
+    max_new_tokens = request.max_new_tokens
+    width = min(bucket(longest), config.max_position_embeddings)
+    padded_width = width
+    if prefill == "ring":  # every host of the ring holds a block of the padded prompt
+        padded_width = ring_width(width, mesh.shape["sequence"])
+    padded = np.full((batch, padded_width), pad_id, np.int32)
+    padded[:, :longest] = tokens[:, :width]
     depth = speculative.depth
-    cache_len = max(bucket, longest + max_new_tokens + depth + 2)
+    cache_len = max(padded_width, longest + max_new_tokens + depth + 2)
     cache_len = -(-cache_len // 64) * 64
     st = _Static(
         depth=depth, top_k=speculative.top_k, total_tokens=speculative.total_tokens,
-        cache_len=cache_len, sampling=SamplingConfig(float(temperature), int(top_k), float(top_p)),
-        stop_ids=tuple(int(t) for t in stop_token_ids), pad_id=pad_id,
-        max_new_tokens=int(max_new_tokens), head_backend=speculative.head_backend,
+        cache_len=cache_len, sampling=request.sampling, stop_ids=request.stop_ids, pad_id=pad_id,
+        max_new_tokens=max_new_tokens, head_impl=speculative.head_impl,
         subset=subset is not None, max_positions=config.max_position_embeddings,
     )
     tgraph, tstate = nnx.split(model)
     dgraph, dstate = nnx.split(draft)
-    compiled = _COMPILED.setdefault(("speculative", tgraph, dgraph), _Compiled())
+    cache = compile_cache(("speculative", tgraph, dgraph))
     stats = SpeculativeStats(prompt_tokens=int(lengths.sum()))
     head_full = model.head_weight()
     if subset is None:
@@ -488,39 +573,29 @@ def _generate(model, input_ids, max_new_tokens, speculative, *, temperature=0.0,
     tcache = model.init_cache(batch, cache_len + st.tree_size)
     dcache = draft.init_cache(batch, cache_len + st.draft_scratch, dtype=draft.dtype)
     args = (tstate, dstate, jnp.asarray(padded), jnp.asarray(lengths), tcache, dcache,
-            jax.random.PRNGKey(seed))
+            jax.random.PRNGKey(request.seed))
+    if prefill == "ring":
+        prefill_exe = compiled(cache, stats, ("ring-prefill", batch, padded_width, st, id(mesh)),
+                               partial(_ring_prefill_fn, tgraph, dgraph, st, mesh), *args)
+    else:
+        prefill_exe = compiled(cache, stats, ("prefill", batch, width, st),
+                               partial(_prefill_fn, tgraph, dgraph, st), *args)
     t0 = time.perf_counter()
-    prefill, fresh = compiled.get(("prefill", batch, bucket, st),
-                                  partial(_prefill_fn, tgraph, dgraph, st), *args)
-    if fresh:
-        stats.compile_seconds += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    carry = jax.block_until_ready(prefill(*args))
+    carry = jax.block_until_ready(prefill_exe(*args))
     stats.prefill_seconds = time.perf_counter() - t0
 
-    loop_fn = partial(_loop_fn, tgraph, dgraph, st)
     limit0 = jnp.asarray(max_new_tokens, jnp.int32)  # a cycle commits >= 1 token per row
-    t0 = time.perf_counter()
     scored = None if subset is None else int(subset.size)
-    loop, fresh = compiled.get(("loop", batch, st, scored), loop_fn, tstate, dstate,
-                               head, subset_ids, carry, limit0)
-    if fresh:
-        stats.compile_seconds += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if stream is None:
-        carry = loop(tstate, dstate, head, subset_ids, carry, limit0)
-    else:
-        chunk = max(1, stream_every // 4)
-        limit = 0
-        while True:
-            limit += chunk
-            carry = loop(tstate, dstate, head, subset_ids, carry, jnp.asarray(limit, jnp.int32))
-            n = int(np.max(np.asarray(carry["lengths"])))
-            stream(np.asarray(carry["out"][:, :n]))
-            if bool(np.all(np.asarray(carry["done"]))) or limit >= max_new_tokens:
-                break
-    out = np.asarray(jax.block_until_ready(carry["out"]))
-    stats.decode_seconds = time.perf_counter() - t0
+    sharding = str(getattr(jax.tree.leaves(carry["tcache"])[0], "sharding", None))
+    loop = compiled(cache, stats, ("loop", batch, st, scored, sharding),
+                    partial(_loop_fn, tgraph, dgraph, st), tstate, dstate, head, subset_ids,
+                    carry, limit0)
+    carry, stats.decode_seconds = drive(
+        loop, (tstate, dstate, head, subset_ids), carry, limit=max_new_tokens, stream=stream,
+        chunk=max(1, stream_every // 4),
+        emitted=lambda c: int(np.max(np.asarray(c["lengths"]))),
+        finished=lambda c, _: bool(np.all(np.asarray(c["done"]))))
+    out = np.asarray(carry["out"])
     new_lengths = np.asarray(carry["lengths"])
     # the first token comes from the prefill, like vanilla decoding's first step
     stats.new_tokens = int(new_lengths.sum())
@@ -532,19 +607,30 @@ def _generate(model, input_ids, max_new_tokens, speculative, *, temperature=0.0,
         float(np.asarray(carry["committed"]).sum() / cycles.sum()) if cycles.sum() else 0.0
     )
     if speculative.time_phases and stats.loop_iterations:
-        _time_phases(compiled, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids,
+        _time_phases(cache, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids,
                      carry, batch)
     steps = int(new_lengths.max())
     return GenerationResult(tokens=out[:, :steps], lengths=new_lengths, stats=stats), carry
 
 
-def _time_phases(compiled, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids, carry,
+def _generate(model: CausalLM, input_ids: Any, max_new_tokens: int, speculative: Speculative,
+              *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+              stop_token_ids=(), pad_token_id: int | None = None, **kwargs: Any
+              ) -> tuple[GenerationResult, dict]:
+    """Validate, resolve and ``run_speculative`` (the result and the final loop carry)."""
+    request = validate_request(model.config, input_ids, max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, pad_token_id=pad_token_id,
+                               stop_token_ids=stop_token_ids, seed=seed)
+    return run_speculative(model, request, speculative, resolve(speculative, model), **kwargs)
+
+
+def _time_phases(cache, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids, carry,
                  batch, iterations: int = 16):
     scored = None if subset_ids is None else int(subset_ids.shape[0])
     args = (tstate, dstate, head, subset_ids, carry)
     for name, fn in (("draft", _draft_phase_fn), ("verify", _verify_phase_fn)):
-        executable, _ = compiled.get((f"{name}-phase", batch, st, scored, iterations),
-                                     partial(fn, tgraph, dgraph, st, iterations), *args)
+        executable, _ = cache.get((f"{name}-phase", batch, st, scored, iterations),
+                                  partial(fn, tgraph, dgraph, st, iterations), *args)
         seconds = median_seconds(executable, *args, repeats=3) / iterations
         setattr(stats, f"{name}_seconds", seconds)
     per_iteration = stats.decode_seconds / stats.loop_iterations
