@@ -10,18 +10,20 @@ target's embedding and head.
 
 Training (``draft_loss`` / ``train_draft``) runs the frozen target over token sequences and fits
 the draft to its own hidden states: smooth-L1 feature regression plus the cross-entropy between
-the target's next-token distribution and the draft's.
+the target's next-token distribution and the draft's. The loop, optimizer, schedule, checkpoints
+and metrics are the training recipe's (``cpmjax.train.draft``); ``token_windows`` is
+``cpmjax.train.data.token_windows``.
 
 Export: ``save_draft`` writes ``config.json`` (the layer's config plus an ``eagle_draft`` section)
-and ``model.safetensors``; ``load_draft`` reads them back.
+and ``model.safetensors`` (atomically, through ``cpmjax.safetensors_io``); ``load_draft`` reads
+them back.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
-from functools import partial
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -29,13 +31,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from cpmjax.errors import CheckpointError, ConfigError, MissingPathError, ShapeMismatchError
+from cpmjax.hf import as_dtype
 from cpmjax.models import CausalLM, ModelConfig
 from cpmjax.models.modules import RMSNorm, init_layer_cache, linear
-from cpmjax.models.transformer import DecoderLayer, _dtype, run_layers
+from cpmjax.models.transformer import DecoderLayer, run_layers
+from cpmjax.safetensors_io import TensorFiles, atomic_directory, save_file
+from cpmjax.train.data import token_windows
+from cpmjax.train.draft import train_against
+
+__all__ = [
+    "DRAFT_WEIGHTS",
+    "EagleDraft",
+    "check_compatible",
+    "draft_config_for",
+    "draft_loss",
+    "load_draft",
+    "new_draft",
+    "save_draft",
+    "target_features",
+    "token_windows",
+    "train_draft",
+]
 
 DRAFT_WEIGHTS = "model.safetensors"
 
@@ -87,7 +105,7 @@ class EagleDraft(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        dtype, param_dtype = _dtype(dtype), _dtype(param_dtype)
+        dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
         if config.num_hidden_layers != 1:
             raise ConfigError(
                 f"an EAGLE draft has one decoder layer, config says {config.num_hidden_layers}"
@@ -121,7 +139,7 @@ class EagleDraft(nnx.Module):
         return self.norm(x), new_cache
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> list:
-        dtype = self.dtype if dtype is None else _dtype(dtype)
+        dtype = self.dtype if dtype is None else as_dtype(dtype)
         return [init_layer_cache(self.config, batch, max_len, dtype)]
 
     def num_parameters(self) -> int:
@@ -156,19 +174,19 @@ def save_draft(draft: EagleDraft, path: str | os.PathLike, *, dtype: Any = None,
                metadata: dict[str, Any] | None = None) -> str:
     """Write ``config.json`` + ``model.safetensors`` (parameters in ``dtype``, default their own)."""
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     config = draft.config.to_hf_dict()
     config["eagle_draft"] = {"format": 1, **(metadata or {})}
     tensors = {}
     for name, var in _flat_params(draft).items():
         value = var[...]
         if dtype is not None:
-            value = value.astype(_dtype(dtype))
+            value = value.astype(as_dtype(dtype))
         tensors[name] = np.ascontiguousarray(np.asarray(jax.device_get(value)))
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, DRAFT_WEIGHTS), metadata={"format": "eagle-draft"})
+    with atomic_directory(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(tmp, DRAFT_WEIGHTS), metadata={"format": "eagle-draft"})
     return path
 
 
@@ -189,23 +207,22 @@ def load_draft(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> EagleDra
     config = ModelConfig.from_hf_dict(hf)
     draft = nnx.eval_shape(lambda: EagleDraft(config, dtype=dtype, param_dtype=dtype))
     params = _flat_params(draft)
-    with safe_open(weights, framework="numpy") as handle:
-        names = set(handle.keys())
-        missing = sorted(set(params) - names)
-        unexpected = sorted(names - set(params))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"draft weights in {weights} do not match the config: missing {missing}, "
-                f"unexpected {unexpected}"
+    files = TensorFiles(path, weights_name=DRAFT_WEIGHTS, index_name=None)
+    names = set(files.names())
+    missing = sorted(set(params) - names)
+    unexpected = sorted(names - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"draft weights in {weights} do not match the config: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    for name, var in params.items():
+        shape = files.shape(name)
+        if shape != tuple(var.shape):
+            raise ShapeMismatchError(
+                f"draft tensor {name}: checkpoint shape {shape}, expected {tuple(var.shape)}"
             )
-        for name, var in params.items():
-            array = handle.get_tensor(name)
-            if tuple(array.shape) != tuple(var.shape):
-                raise ShapeMismatchError(
-                    f"draft tensor {name}: checkpoint shape {tuple(array.shape)}, expected "
-                    f"{tuple(var.shape)}"
-                )
-            var.set_value(jnp.asarray(array, dtype=_dtype(dtype)))
+        var.set_value(jnp.asarray(files.get(name), dtype=as_dtype(dtype)))
     return draft
 
 
@@ -255,48 +272,6 @@ def draft_loss(
                   "top1": top1}
 
 
-def token_windows(ids: np.ndarray, seq_len: int, batch: int, *, seed: int = 0
-                  ) -> Iterator[np.ndarray]:
-    """Endless random batches ``[batch, seq_len]`` of windows cut from one long id stream."""
-    ids = np.asarray(ids, np.int32).reshape(-1)
-    if ids.size < seq_len + 1:
-        raise ConfigError(f"corpus has {ids.size} tokens, fewer than seq_len={seq_len} + 1")
-    rng = np.random.default_rng(seed)
-    starts = np.arange(0, ids.size - seq_len, max(1, seq_len // 2))
-    while True:
-        order = rng.permutation(starts)
-        for i in range(0, len(order) - batch + 1, batch):
-            yield np.stack([ids[s: s + seq_len] for s in order[i: i + batch]])
-        if len(order) < batch:
-            yield np.stack([ids[s: s + seq_len] for s in rng.choice(starts, batch)])
-
-
-_TX: dict[tuple, optax.GradientTransformation] = {}
-
-
-def _optimizer(learning_rate: float, warmup: int, steps: int) -> optax.GradientTransformation:
-    """AdamW, linear warmup + cosine decay to 10%, clipping (one object per setting, so that
-    the compiled train step is reused)."""
-    key = (learning_rate, warmup, steps)
-    if key not in _TX:
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, max(1, min(warmup, steps // 2)), max(steps, 2),
-            learning_rate * 0.1)
-        _TX[key] = optax.chain(optax.clip_by_global_norm(1.0),
-                               optax.adamw(schedule, weight_decay=0.0))
-    return _TX[key]
-
-
-@partial(nnx.jit, static_argnums=(5, 6))
-def _train_step(draft, optimizer, target, ids, key, token_weight, noise):
-    def loss_fn(draft):
-        return draft_loss(draft, target, ids, token_weight=token_weight, noise=noise, key=key)
-
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(draft)
-    optimizer.update(draft, grads)
-    return metrics
-
-
 def train_draft(
     target: CausalLM,
     draft: EagleDraft,
@@ -311,74 +286,24 @@ def train_draft(
     checkpoint_every: int = 200,
     log_every: int = 20,
     log: Callable[[int, dict[str, float]], None] | None = None,
+    log_dir: str | None = None,
     max_seconds: float | None = None,
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Train ``draft`` in place on the frozen ``target``'s hidden states.
+    """Train ``draft`` in place on the frozen ``target``'s hidden states (``draft_loss``).
 
-    ``batches`` yields token-id arrays ``[batch, seq]``. AdamW with linear warmup and cosine
-    decay; with ``checkpoint_dir`` the draft and optimizer state are saved with orbax every
+    ``batches`` yields token-id arrays ``[batch, seq]``. The training recipe's AdamW with
+    linear warmup and cosine decay (``cpmjax.train.draft``); with ``checkpoint_dir`` the draft
+    and optimizer state are saved with the recipe's ``Checkpointer`` every
     ``checkpoint_every`` steps and at the end, and training resumes from the latest checkpoint
-    found there. Stops after ``steps`` steps, after ``max_seconds``, or when ``batches`` ends.
-    Returns the logged metrics."""
-    import time
-
+    found there; with ``log_dir`` the logged records also go to ``<log_dir>/metrics.jsonl``.
+    Stops after ``steps`` steps, after ``max_seconds``, or when ``batches`` ends. Returns the
+    logged metrics."""
     check_compatible(draft, target)
-    optimizer = nnx.Optimizer(draft, _optimizer(learning_rate, warmup, steps), wrt=nnx.Param)
-    manager = None
-    start = 0
-    if checkpoint_dir is not None:
-        import orbax.checkpoint as ocp
-
-        manager = ocp.CheckpointManager(
-            os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-        )
-        latest = manager.latest_step()
-        if latest is not None:
-            states = {"draft": nnx.state(draft, nnx.Param), "optimizer": nnx.state(optimizer)}
-            restored = manager.restore(latest, args=ocp.args.StandardRestore(
-                {name: nnx.to_pure_dict(state) for name, state in states.items()}))
-            for name, state in states.items():
-                nnx.replace_by_pure_dict(state, restored[name])
-            nnx.update(draft, states["draft"])
-            nnx.update(optimizer, states["optimizer"])
-            start = int(latest)
-
-    def save(step_number: int) -> None:
-        if manager is not None:
-            import orbax.checkpoint as ocp
-
-            manager.save(step_number, args=ocp.args.StandardSave({
-                "draft": nnx.to_pure_dict(nnx.state(draft, nnx.Param)),
-                "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
-            }), force=True)
-
-    history: list[dict[str, float]] = []
-    key = jax.random.PRNGKey(seed + start)
-    t0 = time.perf_counter()
-    batches = iter(batches)
-    number = start
-    for number in range(start + 1, steps + 1):
-        batch = next(batches, None)
-        if batch is None:  # the data ran out
-            number -= 1
-            break
-        key, sub = jax.random.split(key)
-        metrics = _train_step(draft, optimizer, target, jnp.asarray(batch), sub,
-                              token_weight, noise)
-        if number % log_every == 0 or number == steps or number == start + 1:
-            record = {k: float(v) for k, v in metrics.items()}
-            record["step"] = number
-            history.append(record)
-            if log is not None:
-                log(number, record)
-        if manager is not None and number % checkpoint_every == 0:
-            save(number)
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            break
-    if manager is not None:
-        if number > start and number % checkpoint_every:
-            save(number)
-        manager.wait_until_finished()
-        manager.close()
-    return history
+    return train_against(
+        draft, target, batches, loss=draft_loss,
+        loss_kwargs={"token_weight": token_weight, "noise": noise}, steps=steps,
+        learning_rate=learning_rate, warmup=warmup, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, log_every=log_every, log=log, log_dir=log_dir,
+        max_seconds=max_seconds, seed=seed,
+    )

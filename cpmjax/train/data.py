@@ -303,3 +303,21 @@ class PackedBatches:
             ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
             out.append(pack_rows(self.windows(ids), self.bos_id, self.pad_id, self.loss_after_id))
         return out
+
+
+def token_windows(ids: np.ndarray, seq_len: int, batch: int, *, seed: int = 0
+                  ) -> Iterator[np.ndarray]:
+    """Endless random batches ``[batch, seq_len]`` of windows cut from one long id stream
+    (windows start every ``seq_len // 2`` tokens; each pass visits them in a new random order).
+    What a draft model trains on: plain windows, no packing or document boundaries."""
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    if ids.size < seq_len + 1:
+        raise ConfigError(f"corpus has {ids.size} tokens, fewer than seq_len={seq_len} + 1")
+    rng = np.random.default_rng(seed)
+    starts = np.arange(0, ids.size - seq_len, max(1, seq_len // 2))
+    while True:
+        order = rng.permutation(starts)
+        for i in range(0, len(order) - batch + 1, batch):
+            yield np.stack([ids[s: s + seq_len] for s in order[i: i + batch]])
+        if len(order) < batch:
+            yield np.stack([ids[s: s + seq_len] for s in rng.choice(starts, batch)])
