@@ -35,6 +35,16 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
 }
 
 
+def axis_size(mesh: Mesh, axis: str) -> int:
+    """Size of ``axis`` of ``mesh``; ``ShardingError`` naming the culprit when ``mesh`` is not a
+    ``jax.sharding.Mesh`` or has no such axis."""
+    if not isinstance(mesh, Mesh):
+        raise ShardingError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.shape:
+        raise ShardingError(f"axis={axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    return int(mesh.shape[axis])
+
+
 def make_mesh(
     data: int = 1,
     fsdp: int = 1,

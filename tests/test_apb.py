@@ -15,15 +15,16 @@ from cpmjax.errors import ConfigError, ShapeMismatchError, ShardingError
 from pallas_kernels import attention_reference
 from sharding.apb import (
     RetainingHead,
-    _remote_branches,
     apb_attention,
     apb_reference,
     compress_block,
+    decode_attention,
     make_apb_layout,
     make_method_layout,
+    masked_attention_lse,
     star_attention,
 )
-from sharding.apb_decode import decode_attention, masked_attention_lse
+from sharding.apb.kernel import _remote_branches
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
@@ -64,7 +65,7 @@ def test_no_anchor_passing_everything_is_exact_causal_attention():
     q, k, v = _qkv(61)
     mesh = _mesh()
     kw = dict(mesh=mesh, anchor_len=0, passing_len=8, query_len=4, scorer=_norm_score,
-              attention_impl="reference")
+              impl="reference")
     out = jax.jit(lambda q, k, v: apb_attention(q, k, v, **kw))(q, k, v)
     _close(out, attention_reference(q, k, v, causal=True))
     # gradients flow through the passing blocks exactly like through full attention
@@ -160,7 +161,7 @@ def test_compressor_top_k_equals_reference():
     (dict(scorer="retaining", query_len=2, passing_len=2), ConfigError, "retaining_head"),
     (dict(scorer="topk", query_len=2), ConfigError, "scorer='topk'"),
     (dict(axis="tensor"), ShardingError, "axis='tensor'"),
-    (dict(attention_impl="cuda", query_len=2), ConfigError, "attention_impl='cuda'"),
+    (dict(impl="cuda", query_len=2), ConfigError, "impl='cuda'"),
 ])
 def test_invalid_settings_raise_naming_the_value(kwargs, error, culprit):
     q, k, v = _qkv(64)
@@ -233,7 +234,7 @@ def test_model_prefill_on_expanded_layout():
     def run(state, tokens, **kw):
         m = nnx.merge(graphdef, state)
         logits, cache, _ = apb_prefill(m, tokens, m.init_cache(B, cache_len), mesh=mesh,
-                                       attention_impl="reference", **kw)
+                                       impl="reference", **kw)
         return logits, cache
 
     zero = lambda q, k, v, *, query: jnp.zeros(k.shape[:3])  # noqa: E731
@@ -278,7 +279,7 @@ def test_query_tail_attends_the_sharded_cache_through_decode_attention(monkeypat
     zero = lambda q, k, v, *, query: jnp.zeros(k.shape[:3])  # noqa: E731
     logits, _, _ = prefill.apb_prefill(model, tokens, model.init_cache(B, 32), mesh=mesh,
                                        anchor_len=0, passing_len=7, query_len=3,
-                                       scorer=zero, attention_impl="reference")
+                                       scorer=zero, impl="reference")
     assert calls == [(B, 3, 4, 8)] * model.config.num_hidden_layers
     want, _ = model(tokens, cache=model.init_cache(B, 32))
     _close(logits, want[:, -1], 1e-4)
