@@ -11,21 +11,25 @@ batch 1; float32 by default):
 
 - **APB** (the paper's defaults on 8 hosts: block ``B``, ``anchor_len = B/4``, ``passing_len =
   B/8``, a 64-token query embedded in the anchor at offset 1, query-aware compressor): the
-  library's own per-host kernel ``sharding.apb._apb_shard``, with the host index as a runtime
-  int32 argument (as ``axis_index`` is under ``shard_map``) and its ``all_gather`` answered
-  from the passing blocks the host received (7 blocks of ``passing_len`` keys and values):
+  library's own per-host entry point ``sharding.apb.apb_host_attention``, with the host index
+  as a runtime int32 argument (as ``axis_index`` is under ``shard_map``) and ``gather=`` a
+  ``sharding.apb.OneHostGather`` answering the ``all_gather`` from the passing blocks the host
+  received (7 blocks of ``passing_len`` keys and values):
   local causal attention, scoring + max-pool + top-k of its passing block, the attention of
   its local queries to the anchor and the passing blocks of the hosts before it, the
   log-sum-exp merge, and the anchor rows' causal attention.
 - **Star** (anchor = the first block): the same kernel with Star's layout (nothing passed).
 - **Ring** (``contiguous``: what ``generate(prefill="ring")`` runs, the last host sees every
   block; ``zigzag``: ``sharding.burst``'s default, balanced): one host's forward of
-  ``sharding.burst`` step by step: ``_pair_forward`` (with its ``lax.cond`` on the block owners)
-  and ``_merge`` for its own block and the 7 blocks it receives, in ring order (a
-  ``fori_loop`` over the middle steps, as the library's ring), without the ``ppermute``.
-- **Full**: ``_local_attention("blockwise")`` (the blockwise flash attention, causal blocks
+  ``sharding.burst``: ``burst_forward_shard`` with a ``OneHostRing`` holding the 7 blocks it
+  receives, in ring order (a ``fori_loop`` over the middle steps, as the library's ring),
+  without the ``ppermute``.
+- **Full**: ``apb_local_attention("blockwise")`` (the blockwise flash attention, causal blocks
   skipped) on one device over the whole sequence; too slow at 128K on this CPU, so it is timed
   at ``--full-seqs`` and extrapolated as ``c * s^2``.
+
+The one-host functions, the check and the critical-path accounting live in
+:mod:`sharding.apb.critical`; this script builds inputs, times and renders.
 
 ``--check`` runs every host at a small size (8 hosts x 512 tokens) and asserts that its outputs
 equal the corresponding slice of ``sharding.apb.apb_layer_attention`` / ``apb_attention`` (APB,
@@ -56,147 +60,35 @@ if "--check" in sys.argv:  # the distributed library calls it compares with need
     ).strip()
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 
-import sharding.apb as apb_lib  # noqa: E402
-import sharding.burst as burst_lib  # noqa: E402
-from sharding.layout import layout_indices  # noqa: E402
-
-AXIS = "sequence"
-HEADS, KV_HEADS, HEAD_DIM = 24, 8, 64  # MiniCPM-1B attention
-QUERY_LEN, QUERY_OFFSET = 64, 1
-POOL_SIZE = 5
-
-
-# ----------------------------------------------------------------------------- one host, alone
-
-
-class _OneHostLax:
-    """Stands in for ``jax.lax`` inside a library module while one host's work is traced on one
-    device: ``axis_index`` is the host index (an int32 scalar argument, a runtime value as under
-    ``shard_map``) and ``all_gather`` returns the blocks the host received with its own block
-    inserted at its index (what the collective returns). Everything else is ``jax.lax``. The
-    blocks the host *sends* are recorded in ``sent``."""
-
-    def __init__(self, host: jax.Array, received: list[jax.Array]):
-        self.host = host
-        self.received = received  # one [hosts - 1, ...] stack per all_gather call, in order
-        self.sent: list[jax.Array] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(lax, name)
-
-    def axis_index(self, axis_name: Any) -> jax.Array:
-        del axis_name
-        return self.host
-
-    def all_gather(self, x: jax.Array, axis_name: Any, **kwargs: Any) -> jax.Array:
-        del axis_name
-        if kwargs:
-            raise NotImplementedError(f"all_gather options {sorted(kwargs)} are not simulated")
-        others = self.received[len(self.sent)]  # [hosts - 1, ...]: every host but this one
-        self.sent.append(x)
-        slot = jnp.arange(others.shape[0] + 1)
-        stacked = others[jnp.maximum(jnp.where(slot < self.host, slot, slot - 1), 0)]
-        mine = (slot == self.host).reshape((-1,) + (1,) * x.ndim)
-        return jnp.where(mine, x[None], stacked)
-
-
-@contextlib.contextmanager
-def _one_host(module: Any, shim: _OneHostLax) -> Iterator[None]:
-    """Swap ``module.lax`` for ``shim`` while tracing (restored afterwards)."""
-    saved = module.lax
-    module.lax = shim
-    try:
-        yield
-    finally:
-        module.lax = saved
-
-
-def apb_layout(method: str, context: int, hosts: int, query_len: int = QUERY_LEN
-               ) -> apb_lib.APBLayout:
-    """The layout of ``method`` (``"apb"`` or ``"star"``) for ``context`` tokens plus the
-    ``query_len``-token query: ``block_len = context / hosts``."""
-    if method == "apb":
-        return apb_lib.make_apb_layout(context + query_len, hosts=hosts, query_len=query_len,
-                                       query_offset=QUERY_OFFSET)
-    return apb_lib.make_method_layout("star", context + query_len, hosts=hosts,
-                                      query_len=query_len)
-
-
-def apb_host_fn(layout: apb_lib.APBLayout, scorer: Any,
-                attention_impl: str = "blockwise") -> Callable[..., tuple[jax.Array, ...]]:
-    """One host's APB/Star attention (``sharding.apb._apb_shard``) as a one-device function.
-
-    ``fn(q [b, A+B, hq, d], k [b, A+B, hkv, d], v, host, *received)`` with ``host`` the host
-    index (int32 scalar) and ``received`` (APB only) the passing keys and values of the other
-    hosts, ``[hosts - 1, b, passing_len, hkv, d]`` each.
-    Returns ``(out [b, A+B, hq, d], *sent)``: the host's rows of ``apb_layer_attention`` and,
-    for APB, the passing keys and values it sends ``[b, passing_len, hkv, d]``."""
-    attend = apb_lib._local_attention(attention_impl)
-
-    def fn(q, k, v, host, *received):
-        shim = _OneHostLax(host, list(received))
-        with _one_host(apb_lib, shim):
-            out = apb_lib._apb_shard(q, k, v, layout=layout, axis=AXIS, scorer=scorer,
-                                     sm_scale=q.shape[-1] ** -0.5, attend=attend,
-                                     pool_size=POOL_SIZE)
-        return (out, *shim.sent)
-
-    return fn
-
-
-def ring_host_fn(layout: str, hosts: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """One host's forward of ``sharding.burst`` (the ``_forward_shard`` step sequence).
-
-    ``fn(q [b, L, hq, d], k [b, L, hkv, d], v, received_k [hosts - 1, b, L, hkv, d],
-    received_v, me)``: ``received_*[t - 1]`` is the block that arrives at ring step ``t`` (the
-    block of rank ``(me - t) % hosts``), ``me`` the host's rank (int32, a runtime value as
-    ``axis_index`` is). Returns ``(o [b, L, hq, d], lse [b, hq, L])``."""
-    attend = burst_lib.default_local_attention()
-
-    def fn(q, k, v, received_k, received_v, me):
-        scale = q.shape[-1] ** -0.5
-        pair = functools.partial(burst_lib._pair_forward, attend, causal=True, layout=layout,
-                                 sm_scale=scale)
-        b, lq, hq, _ = q.shape
-        state = (jnp.zeros((b, lq, hq, v.shape[-1]), jnp.float32),
-                 jnp.full((b, hq, lq), -jnp.inf, jnp.float32))
-
-        def step(state, t, kb, vb, diagonal):
-            o_b, lse_b = pair(q, None, kb, vb, None, me, (me - t) % hosts, diagonal=diagonal)
-            return burst_lib._merge(*state, o_b, lse_b)
-
-        state = step(state, 0, k, v, True)
-        if hosts > 2:
-            state = lax.fori_loop(1, hosts - 1, lambda t, s: step(
-                s, t, received_k[t - 1], received_v[t - 1], False), state)
-        if hosts > 1:
-            state = step(state, hosts - 1, received_k[hosts - 2], received_v[hosts - 2], False)
-        o, lse = state
-        return o.astype(q.dtype), lse
-
-    return fn
-
-
-def full_fn(q, k, v):
-    """Full causal attention on one device (the local attention APB's hosts use)."""
-    attend = apb_lib._local_attention("blockwise")
-    return attend(q, k, v, causal=True, segment_ids=None, sm_scale=q.shape[-1] ** -0.5)[0]
-
+from cpmjax.report import write_json, write_text  # noqa: E402
+from sharding.apb import resolve_scorer  # noqa: E402
+from sharding.apb.critical import (  # noqa: E402
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    LABELS,
+    POOL_SIZE,
+    QUERY_LEN,
+    QUERY_OFFSET,
+    apb_host_fn,
+    check_one_host,
+    communication,
+    critical_layout,
+    full_fn,
+    ring_host_fn,
+    summarise,
+)
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -211,12 +103,12 @@ def host_inputs(method: str, context: int, hosts: int, host: int, dtype: Any,
     ``ring_zigzag``) with random inputs of exactly that host's shapes."""
     kq, kk, kv, krk, krv = jax.random.split(key, 5)
     if method in ("apb", "star"):
-        lay = apb_layout(method, context, hosts)
+        lay = critical_layout(method, context, hosts)
         rows = lay.host_len
         args = [_normal(kq, (1, rows, HEADS, HEAD_DIM), dtype),
                 _normal(kk, (1, rows, KV_HEADS, HEAD_DIM), dtype),
                 _normal(kv, (1, rows, KV_HEADS, HEAD_DIM), dtype)]
-        scorer = apb_lib._resolve_scorer("query" if method == "apb" else None, None, lay)
+        scorer = resolve_scorer("query" if method == "apb" else None, None, lay)
         args.append(jnp.int32(host))
         if scorer is not None:
             shape = (hosts - 1, 1, lay.passing_len, KV_HEADS, HEAD_DIM)
@@ -231,87 +123,6 @@ def host_inputs(method: str, context: int, hosts: int, host: int, dtype: Any,
             _normal(krv, (hosts - 1, 1, block, KV_HEADS, HEAD_DIM), dtype),
             jnp.int32(host))
     return jax.jit(ring_host_fn(layout, hosts)), args
-
-
-# ----------------------------------------------------------------------------- check
-
-
-def check(hosts: int = 8, block: int = 512, query_len: int = QUERY_LEN, dtype: Any = jnp.float32,
-          atol: float = 2e-5) -> dict[str, float]:
-    """Run every host alone at a small size and compare with the distributed library call on
-    ``hosts`` simulated devices: APB / Star hosts against their rows of
-    ``apb_layer_attention`` (anchor and local rows) and of ``apb_attention`` /
-    ``star_attention`` (local rows), ring hosts against their block of ``burst_attention``.
-    Returns the max abs error per method; raises AssertionError on a mismatch."""
-    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-    if len(jax.devices()) < hosts:
-        raise RuntimeError(f"--check needs {hosts} devices, have {len(jax.devices())}")
-    mesh = Mesh(np.array(jax.devices()[:hosts]), (AXIS,), axis_types=(AxisType.Auto,))
-    seq_sharding = NamedSharding(mesh, PartitionSpec(None, AXIS))
-    context = hosts * block
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
-    seq = context + query_len
-    q = _normal(kq, (1, seq, HEADS, HEAD_DIM), dtype)
-    k = _normal(kk, (1, seq, KV_HEADS, HEAD_DIM), dtype)
-    v = _normal(kv, (1, seq, KV_HEADS, HEAD_DIM), dtype)
-    errors: dict[str, float] = {}
-
-    for method in ("apb", "star"):
-        lay = apb_layout(method, context, hosts, query_len)
-        assert lay.block_len == block, (lay.block_len, block)
-        scorer = apb_lib._resolve_scorer("query" if method == "apb" else None, None, lay)
-        idx = np.maximum(lay.source_index(), 0)
-        qe, ke, ve = (jax.device_put(x[:, idx], seq_sharding) for x in (q, k, v))
-        expanded = jax.jit(functools.partial(
-            apb_lib.apb_layer_attention, mesh=mesh, layout=lay, axis=AXIS))(qe, ke, ve)
-        attention = apb_lib.apb_attention if method == "apb" else apb_lib.star_attention
-        kwargs = dict(query_offset=QUERY_OFFSET) if method == "apb" else {}
-        natural = jax.jit(functools.partial(attention, mesh=mesh, axis=AXIS,
-                                            query_len=query_len, **kwargs))(q, k, v)
-        n = lay.host_len
-        host_fn = jax.jit(apb_host_fn(lay, scorer))
-        per_host = [(qe[:, h * n:(h + 1) * n], ke[:, h * n:(h + 1) * n],
-                     ve[:, h * n:(h + 1) * n], jnp.int32(h)) for h in range(hosts)]
-        received: list[Any] = [()] * hosts
-        if scorer is not None:  # what each host sends does not depend on what it receives
-            shape = (hosts - 1, 1, lay.passing_len, KV_HEADS, HEAD_DIM)
-            zeros = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            sent = [host_fn(*per_host[h], *zeros)[1:] for h in range(hosts)]
-            received = [tuple(jnp.stack([sent[o][i] for o in range(hosts) if o != h])
-                              for i in range(2)) for h in range(hosts)]
-        err = 0.0
-        for h in range(hosts):
-            out = host_fn(*per_host[h], *received[h])[0]
-            want = expanded[:, h * n:(h + 1) * n]
-            np.testing.assert_allclose(out, want, atol=atol, rtol=1e-5,
-                                       err_msg=f"{method} host {h} vs apb_layer_attention")
-            np.testing.assert_allclose(out[:, lay.anchor_len:], natural[:, h * block:
-                                       (h + 1) * block], atol=atol, rtol=1e-5,
-                                       err_msg=f"{method} host {h} vs {attention.__name__}")
-            err = max(err, float(jnp.max(jnp.abs(out - want))))
-        errors[method] = err
-
-    fn = jax.jit(ring_host_fn("contiguous", hosts)), jax.jit(ring_host_fn("zigzag", hosts))
-    for layout, ring_fn in zip(("contiguous", "zigzag"), fn, strict=True):
-        perm = layout_indices(context, hosts, layout)
-        ql, kl, vl = (x[:, :context][:, perm] for x in (q, k, v))
-        want = jax.jit(functools.partial(burst_lib.burst_attention, mesh=mesh, axis=AXIS,
-                                         causal=True, layout=layout))(ql, kl, vl)
-        blocks = [(kl[:, r * block:(r + 1) * block], vl[:, r * block:(r + 1) * block])
-                  for r in range(hosts)]
-        err = 0.0
-        for r in range(hosts):
-            arriving = [blocks[(r - t) % hosts] for t in range(1, hosts)]
-            rk = jnp.stack([b[0] for b in arriving])
-            rv = jnp.stack([b[1] for b in arriving])
-            out = ring_fn(ql[:, r * block:(r + 1) * block], *blocks[r], rk, rv, jnp.int32(r))[0]
-            expect = want[:, r * block:(r + 1) * block]
-            np.testing.assert_allclose(out, expect, atol=atol, rtol=1e-5,
-                                       err_msg=f"ring {layout} host {r} vs burst_attention")
-            err = max(err, float(jnp.max(jnp.abs(out - expect))))
-        errors[f"ring_{layout}"] = err
-    return errors
 
 
 # ----------------------------------------------------------------------------- token-wise layers
@@ -351,47 +162,6 @@ def tokenwise_fn(dtype: Any) -> tuple[Callable, Any]:
         return x, k, v
 
     return jax.jit(fn), state
-
-
-# ----------------------------------------------------------------------------- communication
-
-
-def communication(context: int, hosts: int, itemsize: int,
-                  bandwidths_gb_s: tuple[float, ...] = (900.0, 100.0)) -> dict[str, Any]:
-    """Analytic bytes one host sends and receives per layer for each method, and the time at
-    ``bandwidths_gb_s`` (one link per host, no overlap with compute, latency ignored)."""
-    apb = apb_layout("apb", context, hosts)
-    kv_token = KV_HEADS * 2 * HEAD_DIM * itemsize  # one token's key + value
-    passing_block = apb.passing_len * kv_token
-    ring_block = (context // hosts) * kv_token
-    # query tail (Star's phase 2, APB and Star alike): the partial outputs and the softmax
-    # weights of the query rows are summed over hosts (two all-reduces, float32)
-    tail = QUERY_LEN * HEADS * (HEAD_DIM + 1) * 4
-    tail_all_reduce = int(2 * (hosts - 1) / hosts * tail)
-    rows = {
-        "apb": {"what": f"all_gather of the passing blocks (keys+values, {apb.passing_len} "
-                        f"tokens x {KV_HEADS} kv heads each): every host receives {hosts - 1} "
-                        "blocks (ring all-gather: sends as many)",
-                "bytes": (hosts - 1) * passing_block},
-        "star": {"what": "nothing per layer for the context (the anchor's token ids are part "
-                         "of every host's input, once; its keys/values are computed on each "
-                         "host)",
-                 "bytes": 0},
-        "ring_contiguous": {"what": f"{hosts - 1} ring steps, each moving one key+value block "
-                                    f"of {context // hosts} tokens", "bytes": (hosts - 1) *
-                            ring_block},
-        "ring_zigzag": {"what": "as contiguous (same blocks, other token order)",
-                        "bytes": (hosts - 1) * ring_block},
-    }
-    for name, row in rows.items():
-        if name in ("apb", "star"):
-            row["query_tail_bytes"] = tail_all_reduce
-        total = row["bytes"] + row.get("query_tail_bytes", 0)
-        row["seconds"] = {f"{bw:g}GB/s": total / (bw * 1e9) for bw in bandwidths_gb_s}
-    return {"itemsize": itemsize, "passing_block_bytes": passing_block,
-            "ring_block_bytes": ring_block, "methods": rows,
-            "note": "analytic: bytes / bandwidth, one link per host, latency ignored, no "
-                    "overlap with compute assumed"}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -436,95 +206,6 @@ def time_methods(entries: dict[str, tuple[Callable, tuple, int]], warmup: int = 
     return out
 
 
-METHODS = ("apb", "star", "ring_contiguous", "ring_zigzag")
-LABELS = {"apb": "APB", "star": "Star", "ring_contiguous": "Ring (contiguous)",
-          "ring_zigzag": "Ring (zigzag)", "full": "Full (1 device)"}
-
-
-def analytic_pairs(method: str, context: int, hosts: int, host: int) -> float:
-    """Query-key pairs one host scores per query head (causal blocks skipped; the masked halves
-    of diagonal blocks and the compressor's ``query_len x B`` scores not counted)."""
-    block = context // hosts
-    if method == "full":
-        return context**2 / 2
-    if method == "ring_contiguous":
-        return block**2 / 2 + host * block**2
-    if method == "ring_zigzag":
-        return block**2 / 2 + (hosts - 1) * block**2 / 2
-    lay = apb_layout(method, context, hosts)
-    a, passing = lay.anchor_len, lay.passing_len
-    remote = (a if host > 0 else 0) + host * passing
-    anchor = a**2 / 2 if (method == "apb" or host > 0) else 0.0
-    return block**2 / 2 + block * remote + anchor
-
-
-def _pick(t: dict[str, Any], basis: str) -> float | None:
-    """A function's time on ``basis``: ``"median"`` of its rounds or its ``"first"`` round."""
-    if not t.get("times"):
-        return None
-    return statistics.median(t["times"]) if basis == "median" else t["times"][0]
-
-
-def summarise(result: dict[str, Any]) -> None:
-    """Add ``critical_path`` and ``ratios`` (method time / APB time) to ``result`` from its
-    ``timings`` (what has been measured so far), on ``result["basis"]``: ``"median"`` of every
-    function's rounds, or its ``"first"`` round (when every method ran once back to back and
-    later rounds ran under other load). Also ``paired_rounds``: APB's and Star's last hosts
-    round by round (they run next to each other in every round)."""
-    timings, seq, hosts = result["timings"], result["context_tokens"], result["hosts"]
-    basis = result.setdefault("basis", "median")
-    critical: dict[str, dict[str, Any]] = {}
-    for method in METHODS:
-        rows = {n.split("/")[1]: _pick(t, basis) for n, t in timings.items()
-                if n.startswith(method + "/") and t.get("times")}
-        if rows:
-            slowest = max(rows, key=rows.get)
-            critical[method] = {"attention_s": rows[slowest], "host": slowest, "hosts": rows}
-    fit = [(int(n.split("/")[1]), _pick(t, basis)) for n, t in timings.items()
-           if n.startswith("full/") and t.get("times")]
-    if fit:
-        c = float(np.mean([t / s**2 for s, t in fit]))
-        measured = dict(fit).get(seq)
-        critical["full"] = {
-            "attention_s": measured if measured is not None else c * seq**2,
-            "host": "one device", "measured": measured is not None,
-            "extrapolated_from": {str(s): t for s, t in fit}, "c_seconds_per_token2": c}
-    pairs = []
-    apb_t = timings.get(f"apb/{critical.get('apb', {}).get('host')}", {})
-    star_t = timings.get(f"star/{critical.get('star', {}).get('host')}", {})
-    rounds = min(len(apb_t.get("times", [])), len(star_t.get("times", [])))
-    for i, (aw, sw) in enumerate(zip(apb_t.get("times", [])[:rounds],
-                                     star_t.get("times", [])[:rounds], strict=True)):
-        ac, sc = apb_t["cpu_times"][i], star_t["cpu_times"][i]
-        pairs.append({"round": i + 1, "apb_s": aw, "star_s": sw, "apb_cpu_s": ac,
-                      "star_cpu_s": sc, "star_over_apb": sw / aw, "star_over_apb_cpu": sc / ac})
-    result["paired_rounds"] = pairs
-    rows_of = result.get("tokenwise_rows", {})
-    for method, row in critical.items():
-        if method == "full":  # token-wise work is linear in rows: the ring host's x hosts
-            n_rows, scale = seq // hosts, hosts
-        else:
-            n_rows, scale = rows_of.get(method, {}).get("rows"), 1
-        t = timings.get(f"tokenwise/{n_rows}", {})
-        if t.get("times"):
-            row["tokenwise_s"] = _pick(t, basis) * scale
-            row["tokenwise_rows"] = n_rows * scale
-            row["layer_s"] = row["attention_s"] + row["tokenwise_s"]
-    for method, row in critical.items():
-        host = int(row["host"].removeprefix("host")) if method != "full" else 0
-        row["analytic_pairs"] = analytic_pairs(method, seq, hosts, host)
-    result["critical_path"] = critical
-    if "apb" in critical:
-        result["ratios_analytic_pairs"] = {
-            m: r["analytic_pairs"] / critical["apb"]["analytic_pairs"] for m, r in critical.items()}
-        base = critical["apb"]
-        result["ratios_attention"] = {m: r["attention_s"] / base["attention_s"]
-                                      for m, r in critical.items()}
-        if "layer_s" in base:
-            result["ratios_layer"] = {m: r["layer_s"] / base["layer_s"]
-                                      for m, r in critical.items() if "layer_s" in r}
-
-
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -558,7 +239,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         "### What one host runs",
         "",
-        "- **APB, Star**: the library's per-host kernel `sharding.apb._apb_shard` (what "
+        "- **APB, Star**: the library's per-host kernel `sharding.apb.apb_host_attention` (what "
         "`apb_layer_attention` runs inside `shard_map` on every host), with the host index as a "
         "runtime argument and its `all_gather` answered by the passing blocks the host received "
         f"({hosts - 1} x {cfg['passing_len']:,} keys and values): local causal attention, "
@@ -566,13 +247,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         "the anchor (hosts > 0) and the passing blocks of the hosts before it, the log-sum-exp "
         "merge, and the causal attention of the anchor rows (A + B rows in all). Star: the same "
         "kernel on Star's layout (2B rows, nothing passed; host 0 skips the anchor).",
-        "- **Ring**: one host's forward of `sharding.burst` written as the library's step "
-        "sequence (`_pair_forward` with its `lax.cond` on the block owners, then `_merge`, for "
-        f"its own block and the {hosts - 1} blocks it receives, a `fori_loop` over the middle "
-        "steps), without the `ppermute`. *Contiguous*: what `generate(prefill=\"ring\")` runs; "
+        "- **Ring**: one host's forward of `sharding.burst` (`burst_forward_shard` with a "
+        "`OneHostRing`: the library's step sequence, `lax.cond` on the block owners and the "
+        f"log-sum-exp merge, for its own block and the {hosts - 1} blocks it receives, a "
+        "`fori_loop` over the middle steps), without the `ppermute`. *Contiguous*: what `generate(prefill=\"ring\")` runs; "
         "the last host attends to every block. *Zigzag*: `sharding.burst`'s default, balanced "
         "(every host does the same work; the last host is timed).",
-        "- **Full**: `_local_attention(\"blockwise\")` (blockwise flash attention, causal "
+        "- **Full**: `apb_local_attention(\"blockwise\")` (blockwise flash attention, causal "
         "blocks skipped, 512-token blocks, as every host above uses) on one device over the "
         f"whole sequence; too slow at {seq // 1024}K on this CPU, so timed at "
         + ", ".join(f"{int(s):,}" for s in crit.get("full", {}).get("extrapolated_from", {}))
@@ -805,18 +486,17 @@ def main() -> None:
         if args.basis:
             previous["basis"] = args.basis
         summarise(previous)
-        out_path.write_text(json.dumps(previous, indent=1))
-        Path(args.markdown).write_text(render_markdown(previous))
+        write_json(out_path, previous)
+        write_text(args.markdown, render_markdown(previous))
         return
     if args.check:
-        errors = check()
+        errors = check_one_host()
         print("check passed: per-host outputs equal the distributed library calls "
               "(max abs error " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + ")")
         previous["check"] = errors
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(previous, indent=1))
+        write_json(out_path, previous)
         if args.markdown and "timings" in previous:
-            Path(args.markdown).write_text(render_markdown(previous))
+            write_text(args.markdown, render_markdown(previous))
         return
     dtype = jnp.dtype(args.dtype)
     hosts = args.hosts
@@ -840,8 +520,8 @@ def main() -> None:
     tokenwise_rows: dict[str, dict[str, int]] = {}
     if not args.no_tokenwise:
         fn, state = tokenwise_fn(dtype)
-        per_method = {"apb": apb_layout("apb", args.seq, hosts).host_len,
-                      "star": apb_layout("star", args.seq, hosts).host_len,
+        per_method = {"apb": critical_layout("apb", args.seq, hosts).host_len,
+                      "star": critical_layout("star", args.seq, hosts).host_len,
                       "ring_contiguous": args.seq // hosts, "ring_zigzag": args.seq // hosts}
         for method, n in per_method.items():
             tokenwise_rows[method] = {"rows": n}
@@ -858,7 +538,7 @@ def main() -> None:
             _normal(subs[1], (1, s, KV_HEADS, HEAD_DIM), dtype),
             _normal(subs[2], (1, s, KV_HEADS, HEAD_DIM), dtype)), other)
         rows[f"full/{s}"] = s
-    apb = apb_layout("apb", args.seq, hosts)
+    apb = critical_layout("apb", args.seq, hosts)
     result: dict[str, Any] = {
         "command": "python scripts/bench_apb_critical.py " + shlex.join(sys.argv[1:]),
         "device": f"{jax.devices()[0].platform}, one device, {os.cpu_count()} cores",
@@ -867,7 +547,7 @@ def main() -> None:
         "apb": {"block_len": apb.block_len, "anchor_len": apb.anchor_len,
                 "passing_len": apb.passing_len, "query_len": QUERY_LEN,
                 "query_offset": QUERY_OFFSET, "scorer": "query", "pool_size": POOL_SIZE},
-        "star_anchor_len": apb_layout("star", args.seq, hosts).anchor_len,
+        "star_anchor_len": critical_layout("star", args.seq, hosts).anchor_len,
         "warmup": args.warmup, "rows": rows, "tokenwise_rows": tokenwise_rows,
         "load_before": os.getloadavg(), "note": args.note, "basis": args.basis or "median",
         "communication": communication(args.seq, hosts, dtype.itemsize),
@@ -883,10 +563,9 @@ def main() -> None:
         result["timings"] = timings
         result["load_after"] = os.getloadavg()
         summarise(result)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=1))
+        write_json(out_path, result)
         if args.markdown:
-            Path(args.markdown).write_text(render_markdown(result))
+            write_text(args.markdown, render_markdown(result))
 
     print(f"timing {len(entries)} one-device functions at {args.seq} context tokens "
           f"({args.dtype}); load average {result['load_before']}", flush=True)

@@ -1,34 +1,23 @@
-"""scripts/bench_apb_critical.py: the one-host functions it times compute what the distributed
-library calls compute for that host, and its critical-path summary picks the slowest host."""
-
-import importlib.util
-import os
+"""sharding.apb.critical: every host's work run alone on one device (the library's public
+per-host entry points, no patching) equals that host's slice of the distributed run exactly,
+and the critical-path summary picks the slowest host."""
 
 import jax.numpy as jnp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sharding.apb import critical
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_apb_critical", os.path.join(ROOT, "scripts", "bench_apb_critical.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_one_host_functions_match_distributed_library(bench):
-    """Each host alone (APB, Star via the library's per-host kernel; ring contiguous/zigzag via
-    the burst step sequence) equals its slice of apb_layer_attention / apb_attention /
-    star_attention / burst_attention on 4 simulated devices."""
-    errors = bench.check(hosts=4, block=256, query_len=16, dtype=jnp.float32)
+def test_one_host_functions_equal_the_distributed_library_exactly():
+    """Each host alone (APB, Star via apb_host_attention; ring contiguous/zigzag via
+    burst_forward_shard with a OneHostRing) equals its slice of apb_layer_attention /
+    apb_attention / star_attention / burst_attention on 4 simulated devices: max error 0."""
+    errors = critical.check_one_host(hosts=4, block=256, query_len=16, dtype=jnp.float32)
     assert set(errors) == {"apb", "star", "ring_contiguous", "ring_zigzag"}
-    assert all(e < 2e-5 for e in errors.values()), errors
+    assert errors == {name: 0.0 for name in errors}, errors
 
 
-def test_summary_takes_slowest_host_and_extrapolates_full(bench):
+def test_summary_takes_slowest_host_and_extrapolates_full():
     medians = {
         "apb/host0": 1.0, "apb/host7": 2.0, "star/host0": 0.5, "star/host7": 3.0,
         "ring_contiguous/host7": 8.0, "ring_zigzag/host7": 4.0, "full/1000": 1.0,
@@ -42,7 +31,7 @@ def test_summary_takes_slowest_host_and_extrapolates_full(bench):
               "tokenwise_rows": {"apb": {"rows": 1250}, "star": {"rows": 2000},
                                  "ring_contiguous": {"rows": 1000},
                                  "ring_zigzag": {"rows": 1000}}}
-    bench.summarise(result)
+    critical.summarise(result)
     crit = result["critical_path"]
     assert crit["apb"]["host"] == "host7" and crit["apb"]["attention_s"] == 2.0
     assert crit["star"]["attention_s"] == 3.0
@@ -54,13 +43,13 @@ def test_summary_takes_slowest_host_and_extrapolates_full(bench):
     assert [p["star_over_apb"] for p in result["paired_rounds"]] == pytest.approx(
         [2.7 / 5.0, 3.0 / 2.0, 3.3 / 1.9])
     result["basis"] = "first"  # the first round of every function instead of the medians
-    bench.summarise(result)
+    critical.summarise(result)
     assert result["critical_path"]["apb"]["attention_s"] == 5.0
     assert result["critical_path"]["star"]["attention_s"] == pytest.approx(2.7)
 
 
-def test_communication_apb_moves_an_eighth_of_the_ring(bench):
-    com = bench.communication(131072, 8, itemsize=2)
+def test_communication_apb_moves_an_eighth_of_the_ring():
+    com = critical.communication(131072, 8, itemsize=2)
     methods = com["methods"]
     # passing = B/8 tokens per block, 7 blocks each; ring: 7 whole blocks
     assert methods["ring_contiguous"]["bytes"] == 7 * 16384 * 8 * 128 * 2
