@@ -16,7 +16,6 @@ and held-out loss before/after. Writes docs/benchmarks/delta.json and docs/bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -31,6 +30,7 @@ from flax import nnx
 import cpmjax
 import cpmjax.delta as delta_api
 from cpmjax.models import CausalLM, ModelConfig
+from cpmjax.report import machine_info, markdown_table, write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ["add", "sub", "mul", "max", "min"]
@@ -165,27 +165,24 @@ def main() -> None:
     ratios = {k: lora[k] / full[k] for k in ("trainable_params", "optimizer_state_bytes",
                                               "median_step_s")}
 
-    header = ("| run | trainable params | optimizer state | step time (median) | train loss "
-              "first → last | held-out loss before → after |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(
-            f"| {r['run']} | {r['trainable_params']:,} | {r['optimizer_state_bytes'] / 2**20:.2f}"
-            f" MiB | {1e3 * r['median_step_s']:.1f} ms | {r['first_train_loss']:.3f} → "
-            f"{r['final_train_loss']:.3f} | {r['held_out_loss_before']:.3f} → "
-            f"{r['held_out_loss_after']:.3f} |")
-    lines.append(
-        f"| LoRA / full | {ratios['trainable_params']:.4f}× | "
-        f"{ratios['optimizer_state_bytes']:.4f}× | {ratios['median_step_s']:.2f}× | | |")
-    table = "\n".join(lines)
+    rows = [[r["run"], f"{r['trainable_params']:,}",
+             f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB",
+             f"{1e3 * r['median_step_s']:.1f} ms",
+             f"{r['first_train_loss']:.3f} → {r['final_train_loss']:.3f}",
+             f"{r['held_out_loss_before']:.3f} → {r['held_out_loss_after']:.3f}"]
+            for r in results]
+    rows.append(["LoRA / full", f"{ratios['trainable_params']:.4f}×",
+                 f"{ratios['optimizer_state_bytes']:.4f}×", f"{ratios['median_step_s']:.2f}×",
+                 "", ""])
+    table = markdown_table(["run", "trainable params", "optimizer state", "step time (median)",
+                            "train loss first → last", "held-out loss before → after"], rows,
+                           align="lrrrrr")
     print(table)
 
-    os.makedirs(args.out, exist_ok=True)
     meta = {"model": source, "steps": args.steps, "batch": args.batch, "seq": args.seq,
             "backend": jax.default_backend(), "devices": jax.device_count(),
-            "results": results, "ratios_lora_over_full": ratios}
-    with open(os.path.join(args.out, "delta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+            "machine": machine_info(), "results": results, "ratios_lora_over_full": ratios}
+    write_json(os.path.join(args.out, "delta.json"), meta, indent=2)
     if source.startswith("random"):
         note = ("The backbone is random (the fallback): a low-rank update cannot replace "
                 "pretraining, so LoRA's losses are expected to stay well above full "
@@ -216,8 +213,7 @@ fine-tuning: the backward pass still runs through the whole frozen backbone (act
 gradients), and it adds small LoRA matmuls at every site; skipping the backbone's weight
 gradients {"does not pay for them at this size" if ratios['median_step_s'] > 1 else "pays for them"}. {note}
 """
-    with open(os.path.join(args.out, "delta.md"), "w") as f:
-        f.write(md)
+    write_text(os.path.join(args.out, "delta.md"), md)
     print(f"wrote {args.out}/delta.md and delta.json")
 
 

@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from cpmjax.report import machine_info, markdown_table, write_json
+
 TINY = dict(model_type="llama", vocab_size=32768, hidden_size=256, intermediate_size=640,
             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -50,8 +52,8 @@ def bench_cpmjax(path: str, tokens: np.ndarray, repeats: int, warmup: int, chunk
     from flax import nnx
 
     import cpmjax
-    from cpmjax.train.loop import make_train_step
     from cpmjax.train.optim import adamw_mup
+    from cpmjax.train.step import make_train_step
 
     model = cpmjax.from_pretrained(path, dtype="float32")
     opt = nnx.Optimizer(model, adamw_mup(1e-3, weight_decay=0.1, clip_norm=1.0), wrt=nnx.Param)
@@ -193,7 +195,7 @@ def throughput(args, batch: int, seq: int) -> dict:
 
     import cpmjax
     from cpmjax.models import CausalLM, ModelConfig
-    from cpmjax.train.loop import flops_per_token, measure_matmul_peak
+    from cpmjax.train.metrics import flops_per_token, measure_matmul_peak
 
     mc = ModelConfig.from_hf_dict(TINY)
     tokens = _batch(batch, seq, mc.vocab_size)
@@ -234,6 +236,7 @@ def throughput(args, batch: int, seq: int) -> dict:
 def schedules(args, out_dir: str) -> dict:
     from cpmjax.train.config import load_config
     from cpmjax.train.loop import train
+    from cpmjax.train.metrics import read_records
 
     work = tempfile.mkdtemp(prefix="bench-wsd-")
     steps = args.steps
@@ -269,8 +272,7 @@ def schedules(args, out_dir: str) -> dict:
             import shutil
 
             shutil.copytree(os.path.join(run_dir, "tokenizer"), tok_dir)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            records = [json.loads(x) for x in f]
+        records = read_records(run_dir)
         curves[name] = {
             "step": [r["step"] for r in records if "loss" in r],
             "loss": [r["loss"] for r in records if "loss" in r],
@@ -344,12 +346,12 @@ def main() -> int:
             t = report["throughput"][f"{batch}x{seq}"] = throughput(args, batch, seq)
             print(f"\nTraining throughput (float32, CPU, {t['config']['threads']} threads, batch "
                   f"{batch} x seq {seq}; matmul peak {t['matmul_peak_flops'] / 1e9:.1f} GFLOP/s)")
-            print(f"{'impl':32s} {'step s':>8s} {'tok/s':>9s} {'MFU':>7s} {'vs torch':>9s} "
-                  f"{'first loss':>11s}")
-            for r in t["rows"]:
-                print(f"{r['impl']:32s} {r['median_step_s']:8.3f} {r['tokens_per_s']:9.1f} "
-                      f"{100 * r['mfu']:6.1f}% {r['ratio_vs_torch']:8.2f}x "
-                      f"{r['first_loss']:11.5f}")
+            print(markdown_table(
+                ["impl", "step s", "tok/s", "MFU", "vs torch", "first loss"],
+                [[r["impl"], f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:.1f}",
+                  f"{100 * r['mfu']:.1f}%", f"{r['ratio_vs_torch']:.2f}x",
+                  f"{r['first_loss']:.5f}"] for r in t["rows"]],
+                align="lrrrrr"))
             g = t["step_floor"]
             print(f"Step floor: GEMMs alone (the faster of XLA/torch per shape) "
                   f"{g['gemm_floor_s']:.3f} s (XLA's {g['xla_gemms_s']:.3f} s, torch's "
@@ -372,8 +374,8 @@ def main() -> int:
         if before:
             print(f"  WSD held-out loss at decay start {before[-1]:.4f} -> end "
                   f"{w['final_eval_loss']:.4f}")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
+    report["meta"] = machine_info()
+    write_json(json_path, report)
     print(f"\nwrote {json_path}")
     return 0
 

@@ -404,3 +404,38 @@ def test_save_is_delta_only(tmp_path):
     path = delta.save(str(tmp_path / "d"))
     size = os.path.getsize(os.path.join(path, "delta.safetensors"))
     assert size < 4 * delta.num_params() + 4096
+
+
+def test_failed_save_keeps_the_previous_delta(tmp_path, monkeypatch):
+    """Delta and PEFT saves are atomic (cpmjax.safetensors_io): a write that fails midway
+    leaves the previous save loadable and the directory's other files in place."""
+    import cpmjax.safetensors_io as st
+
+    model = _tiny()
+    delta = delta_api.attach(model, "lora", r=4)
+    _randomize(delta)
+    for seed, save, weights in ((7, delta.save, "delta.safetensors"),
+                                (8, delta.save_peft, "adapter_model.safetensors")):
+        out = tmp_path / weights
+        save(str(out))
+        (out / "notes.txt").write_text("mine")
+        before = (out / weights).read_bytes()
+        _randomize(delta, seed=seed)
+
+        def boom(tensors, path, metadata=None):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(st, "_write_safetensors", boom)
+        with pytest.raises(OSError, match="disk full"):
+            save(str(out))
+        monkeypatch.undo()
+        assert (out / weights).read_bytes() == before
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-save")]
+        save(str(out))
+        assert (out / "notes.txt").read_text() == "mine"
+        assert (out / weights).read_bytes() != before
+        if weights == "delta.safetensors":
+            loaded = delta_api.load(_tiny(), str(out))
+            for (_, x), (_, y) in zip(nnx.to_flat_state(delta.state()),
+                                      nnx.to_flat_state(loaded.state()), strict=True):
+                np.testing.assert_array_equal(x[...], y[...])

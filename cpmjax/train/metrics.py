@@ -3,6 +3,7 @@ scalars when ``tensorboardX`` is installed), a progress bar, and throughput: tok
 against the measured matmul peak of the machine.
 
 - ``MetricsLog(out_dir)``: one JSON record per step, the same scalars to TensorBoard;
+  ``read_records(out_dir)`` reads them back;
 - ``Throughput(flops_per_token)``: tokens/s and MFU over the window since the last report;
 - ``progress_bar(total, initial)``: a tqdm bar on stderr;
 - ``flops_per_token(model_config, seq_len)`` and ``measure_matmul_peak()``.
@@ -28,6 +29,13 @@ def append_record(path: str, record: dict[str, Any]) -> None:
     """Append one JSON line to ``path``."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_records(out_dir: str) -> list[dict[str, Any]]:
+    """The records of ``<out_dir>/metrics.jsonl``, in order (step records carry ``loss``,
+    ``lr`` ...; evaluation steps add ``eval_loss``; the last line may be ``final_eval_loss``)."""
+    with open(os.path.join(out_dir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
