@@ -38,7 +38,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -47,47 +46,25 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-HOSTS = 8
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def kl_per_token(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
-    """``KL(softmax(p) || softmax(q))`` per row: ``[..., vocab] x [..., vocab] -> [...]`` (nats,
-    float32). ``p`` is the reference (full attention), ``q`` the approximation."""
-    lp = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
-    lq = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
-    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-
-
-def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% by default)."""
-    if total <= 0:
-        return 0.0, 1.0
-    p = successes / total
-    den = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / den
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_delta(hit: np.ndarray, ref: np.ndarray, z: float = 1.959964
-                 ) -> tuple[float, tuple[float, float]]:
-    """Accuracy difference ``mean(hit) - mean(ref)`` on the same prompts (bool ``[n]`` each) and
-    its normal-approximation 95% interval from the per-prompt differences."""
-    d = hit.astype(np.float64) - ref.astype(np.float64)
-    mean = float(d.mean())
-    half = z * float(d.std(ddof=1)) / math.sqrt(d.size) if d.size > 1 else 1.0
-    return mean, (mean - half, mean + half)
-
+from cpmjax.errors import ShardingError  # noqa: E402
+from cpmjax.evals.apb_quality import (  # noqa: E402
+    HOSTS,
+    distributed_hidden,
+    full_hidden,
+    layout_for,
+    logit_stats,
+    paired_delta,
+    sequence_mesh,
+    uniform_scores,
+    wilson_interval,
+)
+from cpmjax.report import write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------- data
 
@@ -107,116 +84,13 @@ def stdlib_text(split: str = "eval") -> tuple[str, list[str]]:
 
 
 def mesh_of(hosts: int = HOSTS) -> Mesh:
-    devices = jax.devices()
-    if len(devices) < hosts:
-        raise SystemExit(f"need {hosts} devices, have {len(devices)} (set XLA_FLAGS before jax)")
-    return Mesh(np.array(devices[:hosts]), ("sequence",))
-
-
-# ----------------------------------------------------------------------------- hidden states
-
-
-def full_hidden(model: Any, tokens: jax.Array) -> jax.Array:
-    """Full causal attention on one device: ``tokens [b, seq] -> hidden [b, seq, hidden]``
-    (normalised, μP-scaled: ``logits = hidden @ head.T``)."""
-    from cpmjax import ops
-
-    with ops.attention_backend("blockwise"):
-        return model(tokens, return_hidden=True)
-
-
-def layout_for(method: str, seq: int, *, query_len: int, query_offset: int = 1,
-               hosts: int = HOSTS):
-    """The ``APBLayout`` of ``method``: ``apb-*`` (paper defaults), ``star`` (anchor = the
-    first block, nothing passed, query not embedded), ``exact-limit`` (anchor 0, pass all)."""
-    from sharding.apb import make_apb_layout
-
-    probe = make_apb_layout(seq, hosts=hosts, anchor_len=0, passing_len=0, query_len=query_len,
-                            embed_query=False)
-    blk = probe.block_len
-    if method.startswith("apb"):
-        return make_apb_layout(seq, hosts=hosts, query_len=query_len, query_offset=query_offset)
-    if method == "star":
-        return make_apb_layout(seq, hosts=hosts, anchor_len=blk, passing_len=0,
-                               query_len=query_len, embed_query=False)
-    if method == "exact-limit":
-        return make_apb_layout(seq, hosts=hosts, anchor_len=0, passing_len=blk,
-                               query_len=query_len, embed_query=False)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def _uniform_scores(q, k, v, *, query=None, **_):
-    """A scorer for the exact limit (every entry is passed, so the order does not matter)."""
-    return jnp.zeros(k.shape[:3], jnp.float32)
-
-
-def distributed_hidden(model: Any, tokens: jax.Array, *, mesh: Mesh, layout: Any,
-                       scorer: Any) -> jax.Array:
-    """APB / Star prefill over ``mesh["sequence"]`` through the ``"apb"`` attention backend of
-    ``cpmjax.ops`` (the path ``cpmjax.generate(prefill="apb"|"star")`` takes), keeping every
-    position: context rows from the expanded layout (``layout.local_rows()``), then the query
-    tokens against the sequence-sharded KV cache (Star's phase 2). ``tokens [b, seq] -> hidden
-    [b, seq, hidden]`` in input order."""
-    from cpmjax import ops
-
-    b, seq = tokens.shape
-    c = layout.context_len
-    cache_len = -(-seq // (layout.hosts * 8)) * layout.hosts * 8
-    seq_sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
-    cache = jax.device_put(model.init_cache(b, cache_len), seq_sharding)
-    src = np.maximum(layout.source_index(), 0)
-    exp_tokens = jax.device_put(tokens[:, src], seq_sharding)
-    positions = jnp.broadcast_to(jnp.asarray(layout.positions()), exp_tokens.shape)
-    slots = jnp.broadcast_to(jnp.asarray(layout.cache_slots(cache_len)), exp_tokens.shape)
-    with ops.attention_backend("apb", mesh=mesh, layout=layout, axis="sequence", scorer=scorer,
-                               attention_impl="blockwise"):
-        if hasattr(scorer, "reset"):
-            scorer.reset()
-        hidden, cache = model(exp_tokens, positions=positions, cache=cache, cache_slots=slots,
-                              return_hidden=True, rope_seq_len=seq)
-    ctx = hidden[:, jnp.asarray(layout.local_rows())]
-    if layout.query_len == 0:
-        return ctx
-    q_pos = jnp.broadcast_to(jnp.arange(c, seq, dtype=jnp.int32), (b, seq - c))
-    q_hidden, _ = model(tokens[:, c:], positions=q_pos, cache=cache, attend_cache=True,
-                        return_hidden=True, rope_seq_len=seq)
-    return jnp.concatenate([ctx, q_hidden.astype(ctx.dtype)], axis=1)
+    try:
+        return sequence_mesh(hosts)
+    except ShardingError as error:
+        raise SystemExit(str(error)) from error
 
 
 # ----------------------------------------------------------------------------- part (a): KL
-
-
-@jax.jit
-def _chunk_stats(head: jax.Array, rh: jax.Array, h: jax.Array, t: jax.Array
-                 ) -> dict[str, jax.Array]:
-    ref = rh @ head.T
-    out = h @ head.T
-    lref = jax.nn.log_softmax(ref, -1)
-    lout = jax.nn.log_softmax(out, -1)
-    return dict(
-        kl=kl_per_token(ref, out),
-        nll=-jnp.take_along_axis(lout, t[:, None], -1)[:, 0],
-        correct=jnp.argmax(out, -1) == t,
-        ref_nll=-jnp.take_along_axis(lref, t[:, None], -1)[:, 0],
-        ref_correct=jnp.argmax(ref, -1) == t,
-        agree=jnp.argmax(out, -1) == jnp.argmax(ref, -1),
-    )
-
-
-def _logit_stats(head: jax.Array, ref_hidden: jax.Array, hidden: jax.Array,
-                 targets: jax.Array, chunk: int = 512) -> dict[str, np.ndarray]:
-    """Per-position KL(full || method), method NLL / correct, full NLL / correct, top-1 agreement
-    (``[seq]`` each) from ``[seq, hidden]`` states; the vocab projection runs in chunks."""
-    parts = []
-    n = ref_hidden.shape[0]
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        pad = chunk - (e - s)
-        rh = jnp.pad(ref_hidden[s:e], ((0, pad), (0, 0)))
-        h = jnp.pad(hidden[s:e], ((0, pad), (0, 0)))
-        t = jnp.pad(targets[s:e], (0, pad))
-        parts.append({k: np.asarray(v)[: e - s] for k, v in _chunk_stats(head, rh, h, t).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def run_kl(args, report: dict) -> None:
@@ -267,7 +141,7 @@ def run_kl(args, report: dict) -> None:
                 layout_info[m] = dict(block_len=layout.block_len, anchor_len=layout.anchor_len,
                                       passing_len=layout.passing_len)
                 scorer = {"apb-query": "query", "apb-retaining": heads,
-                          "exact-limit": _uniform_scores}.get(m, "query")
+                          "exact-limit": uniform_scores}.get(m, "query")
                 key = (m, length)
                 if key not in compiled:
                     def fn(state, tokens, layout=layout, scorer=scorer):
@@ -275,7 +149,7 @@ def run_kl(args, report: dict) -> None:
                                                   mesh=mesh, layout=layout, scorer=scorer)
                     compiled[key] = jax.jit(fn)
                 hid = compiled[key](state, tok)[0]
-                st = _logit_stats(head, ref, hid, jnp.asarray(targets[i]))
+                st = logit_stats(head, ref, hid, jnp.asarray(targets[i]))
                 for k, v in st.items():
                     per_method[m].setdefault(k, []).append(v)
             print(f"[kl] L={length} window {i + 1}/{count} ({time.time() - t0:.0f}s)", flush=True)
@@ -334,9 +208,8 @@ def kv_layout(prefill: str, seq: int, opts: dict[str, Any]):
 
 
 def run_kv(args, report: dict) -> None:
-    from make_kv_retrieval import KVSpec, eval_example, straddling_pairs
-
     import cpmjax
+    from cpmjax.evals.kv_retrieval import KVSpec, eval_example, straddling_pairs
     from sharding.apb import RetainingHeads
 
     model = cpmjax.from_pretrained(args.kv_model, dtype=jnp.float32)
@@ -496,8 +369,7 @@ def main() -> None:
         run_kl(args, report)
     if "kv" in parts:
         run_kv(args, report)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.json, report)
     print(f"\nwrote {args.json}")
 
 

@@ -3,30 +3,12 @@ interval, and the distributed-prefill harness (exact limit == full attention).""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name: str):
-    path = os.path.join(ROOT, "scripts", f"{name}.py")
-    if os.path.join(ROOT, "scripts") not in sys.path:
-        sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    spec = importlib.util.spec_from_file_location(f"_quality_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kv = _load("make_kv_retrieval")
-quality = _load("apb_quality")
+from cpmjax.evals import apb_quality as quality
+from cpmjax.evals import kv_retrieval as kv
 
 
 def test_training_document_is_one_row_and_answers_are_in_context(tmp_path):
@@ -110,11 +92,11 @@ def test_harness_exact_limit_equals_full_attention():
                       dim_model_base=16)
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(4, 64, (1, 70)), jnp.int32)
-    mesh = quality.mesh_of(8)
+    mesh = quality.sequence_mesh(8)
     ref = quality.full_hidden(model, tokens)
     layout = quality.layout_for("exact-limit", 70, query_len=6)
     got = quality.distributed_hidden(model, tokens, mesh=mesh, layout=layout,
-                                     scorer=quality._uniform_scores)
+                                     scorer=quality.uniform_scores)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-4, atol=2e-5)
     star = quality.distributed_hidden(model, tokens, mesh=mesh,
                                       layout=quality.layout_for("star", 70, query_len=6),
@@ -132,7 +114,7 @@ def test_logit_stats_chunks_match_direct_computation():
     ref_h = jnp.asarray(rng.normal(size=(21, 8)), jnp.float32)
     hid = ref_h + jnp.asarray(rng.normal(size=(21, 8)) * 0.3, jnp.float32)
     targets = jnp.asarray(rng.integers(0, 50, 21), jnp.int32)
-    got = quality._logit_stats(head, ref_h, hid, targets, chunk=8)  # 3 chunks, last padded
+    got = quality.logit_stats(head, ref_h, hid, targets, chunk=8)  # 3 chunks, last padded
     ref_logits, logits = np.asarray(ref_h @ head.T), np.asarray(hid @ head.T)
     np.testing.assert_allclose(got["kl"], quality.kl_per_token(ref_logits, logits), rtol=1e-5)
     lsm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

@@ -77,6 +77,7 @@ def apb_prefill(
     retaining_head: Any = None,
     impl: Any = "blockwise",
     attention_impl: Any = None,
+    return_hidden: bool = False,
 ) -> tuple[jax.Array, Any, APBLayout]:
     """Distributed prefill of a cpmjax ``CausalLM`` (``method`` ``"apb"`` or ``"star"``).
 
@@ -88,7 +89,9 @@ def apb_prefill(
     layout)``; decoding continues from position ``seq`` with the returned cache. ``impl``: the
     hosts' local attention (``sharding.apb.apb_local_attention``; ``attention_impl`` is its
     deprecated name). A per-layer scorer (``RetainingHeads``) gets each layer's index through
-    ``ops.attention(layer=)``."""
+    ``ops.attention(layer=)``. With ``return_hidden`` the first result is instead the final
+    (normalised) hidden states of every input position in input order, ``[b, seq, hidden]``
+    (context rows from the expanded layout, then the query rows)."""
     if attention_impl is not None:
         warnings.warn("apb_prefill(attention_impl=...) is deprecated; use impl=",
                       DeprecationWarning, stacklevel=2)
@@ -111,14 +114,20 @@ def apb_prefill(
         hidden, cache = model(exp_tokens, positions=positions, cache=cache, cache_slots=slots,
                               return_hidden=True, rope_seq_len=seq)
     c = layout.context_len
-    if query_len == 0:
+    if return_hidden:
+        ctx = hidden[:, jnp.asarray(layout.local_rows())]
+        if query_len == 0:
+            return ctx, cache, layout
+    elif query_len == 0:
         last = hidden[:, int(layout.local_rows()[-1])]
         return ops.lm_head(last, model.head_weight()), cache, layout
     q_pos = jnp.broadcast_to(jnp.arange(c, seq, dtype=jnp.int32), (b, query_len))
     with ops.attention_transform(sharded_cache_transform(mesh, axis, cache_len)):
-        logits, cache = model(jnp.asarray(tokens)[:, c:], positions=q_pos, cache=cache,
-                              attend_cache=True, rope_seq_len=seq)
-    return logits[:, -1], cache, layout
+        out, cache = model(jnp.asarray(tokens)[:, c:], positions=q_pos, cache=cache,
+                           attend_cache=True, rope_seq_len=seq, return_hidden=return_hidden)
+    if return_hidden:
+        return jnp.concatenate([ctx, out.astype(ctx.dtype)], axis=1), cache, layout
+    return out[:, -1], cache, layout
 
 
 def sharded_cache_transform(mesh: Mesh, axis: str, cache_len: int
