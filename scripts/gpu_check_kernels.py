@@ -24,7 +24,6 @@ no GPU is present (``--help`` works anywhere).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -190,17 +189,13 @@ def time_fr_head(args: argparse.Namespace) -> list[dict]:
 
 
 def _print_table(title: str, rows: list[dict]) -> None:
+    from cpmjax.report import markdown_table
+
     print(f"\n## {title}")
     if not rows:
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    print(" | ".join(columns))
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column, "")
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
-        print(" | ".join(cells))
+    print(markdown_table(columns, rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     results["total_s"] = time.perf_counter() - started
     print(f"\ntotal {results['total_s']:.1f} s")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+        from cpmjax.report import write_json
+
+        write_json(args.json, results)
     return 0 if all(row.get("ok") for row in results["correctness"]) else 1
 
 
