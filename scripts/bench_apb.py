@@ -45,7 +45,6 @@ os.environ["XLA_FLAGS"] = (
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -56,10 +55,11 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from cpmjax.report import write_json  # noqa: E402
 from sharding.apb import (  # noqa: E402
-    _local_attention,
-    _segments,
     apb_layer_attention,
+    apb_local_attention,
+    key_mask_segments,
     make_apb_layout,
     merge_partials,
 )
@@ -75,7 +75,7 @@ def ring_attention(q, k, v, *, mesh, impl):
     """Exact causal ring attention (baseline): KV blocks travel around the ring with ppermute;
     every host attends to every block (future blocks masked), partials merged by LSE."""
     hosts = mesh.shape[AXIS]
-    attend = _local_attention(impl)
+    attend = apb_local_attention(impl)
     scale = q.shape[-1] ** -0.5
 
     def shard(q, k, v):
@@ -88,7 +88,8 @@ def ring_attention(q, k, v, *, mesh, impl):
             kk, vv = lax.ppermute(kk, AXIS, perm), lax.ppermute(vv, AXIS, perm)
             keep = jnp.broadcast_to((host - step) % hosts < host, (blk,))
             parts.append(attend(q, kk, vv, causal=False,
-                                segment_ids=_segments(q.shape[0], blk, keep), sm_scale=scale))
+                                segment_ids=key_mask_segments(q.shape[0], blk, keep),
+                                sm_scale=scale))
         return merge_partials(parts)[0]
 
     spec = PartitionSpec(None, AXIS)
@@ -119,14 +120,14 @@ def methods(seq: int, mesh: Mesh, impl: str, query_len: int, use_burst: bool):
         ring = lambda q, k, v, mesh: ring_attention(q, k, v, mesh=mesh, impl=impl)  # noqa: E731
     one = jax.devices()[0]
     single = Mesh(np.array([one]), (AXIS,), axis_types=(AxisType.Auto,))
-    attend = _local_attention(impl)
+    attend = apb_local_attention(impl)
     return {
         "apb": (lambda q, k, v: apb_layer_attention(q, k, v, mesh=mesh, layout=apb, axis=AXIS,
-                                                    attention_impl=impl), apb.expanded_len, mesh,
+                                                    impl=impl), apb.expanded_len, mesh,
                 dict(anchor_len=apb.anchor_len, passing_len=apb.passing_len,
                      block_len=apb.block_len, query_len=query_len)),
         "star": (lambda q, k, v: apb_layer_attention(q, k, v, mesh=mesh, layout=star, axis=AXIS,
-                                                     attention_impl=impl), star.expanded_len,
+                                                     impl=impl), star.expanded_len,
                  mesh, dict(anchor_len=star.anchor_len, block_len=star.block_len)),
         "ring": (lambda q, k, v: ring(q, k, v, mesh), seq, mesh, dict(impl=ring_name)),
         "full": (lambda q, k, v: attend(q, k, v, causal=True, segment_ids=None,
@@ -238,7 +239,7 @@ def model_flops_table(seqs, layer_counts, mesh, shape: dict, query_len=64):
     its most expensive branch, the last host. Ring: the model on the sequence-sharded input
     with the unrolled ring above as its attention (``sharding.burst``'s ring loops with
     ``fori_loop``, whose body ``cost_analysis`` counts once); every host visits every block.
-    Full: one device, plain forward, ``"xla"`` attention; fitted as ``c0 + c1 s + c2 s^2``
+    Full: one device, plain forward, ``"reference"`` attention; fitted as ``c0 + c1 s + c2 s^2``
     from three short lengths (the quadratic score matrices of 128K are not compiled)."""
     from flax import nnx
 
@@ -280,7 +281,7 @@ def model_flops_table(seqs, layer_counts, mesh, shape: dict, query_len=64):
             def fn(graph, params, tokens, cache):
                 model = nnx.merge(graph, params)
                 logits, cache, _ = apb_prefill(model, tokens, cache, mesh=mesh, method=method,
-                                               attention_impl="reference", **options)
+                                               impl="reference", **options)
                 return logits, cache
             return fn
 
@@ -294,7 +295,7 @@ def model_flops_table(seqs, layer_counts, mesh, shape: dict, query_len=64):
 
         def full(graph, params, tokens, cache):
             model = nnx.merge(graph, params)
-            with ops.attention_backend("xla"):
+            with ops.attention_backend("reference"):
                 hidden, cache = model(tokens, cache=cache, return_hidden=True)
             return ops.lm_head(hidden[:, -1], model.head_weight()), cache
 
@@ -366,7 +367,7 @@ def model_wall_table(seq, mesh, repeats, shape: dict, layers: int, query_len=64)
     def call(name, kw):
         if name != "full":
             return cpmjax.generate(model, tokens, 1, **kw)
-        # the local path's default is the "xla" reference attention (materialised scores,
+        # the local path's default is the "reference" attention (materialised scores,
         # ~9x slower than blockwise on this CPU at 2k); run the same blockwise kernel that
         # APB, Star and the ring use
         with ops.attention_backend("blockwise"):
@@ -457,7 +458,7 @@ def main() -> None:
 
     def save():  # after every section, so that a later failure keeps what was measured
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
 
     seqs = [int(s) for s in args.flops_seqs.split(",") if s]
     if seqs:

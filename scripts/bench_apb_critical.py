@@ -250,7 +250,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "- **Ring**: one host's forward of `sharding.burst` (`burst_forward_shard` with a "
         "`OneHostRing`: the library's step sequence, `lax.cond` on the block owners and the "
         f"log-sum-exp merge, for its own block and the {hosts - 1} blocks it receives, a "
-        "`fori_loop` over the middle steps), without the `ppermute`. *Contiguous*: what `generate(prefill=\"ring\")` runs; "
+        "`fori_loop` over the middle steps), without the `ppermute`. *Contiguous*: what "
+        "`generate(prefill=\"ring\")` runs; "
         "the last host attends to every block. *Zigzag*: `sharding.burst`'s default, balanced "
         "(every host does the same work; the last host is timed).",
         "- **Full**: `apb_local_attention(\"blockwise\")` (blockwise flash attention, causal "

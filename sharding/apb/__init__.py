@@ -67,6 +67,7 @@ from sharding.apb.kernel import (
     apb_layer_attention,
     apb_local_attention,
     check_qkv,
+    key_mask_segments,
     merge_partials,
     star_attention,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "check_qkv",
     "compress_block",
     "decode_attention",
+    "key_mask_segments",
     "make_apb_layout",
     "make_method_layout",
     "masked_attention_lse",

@@ -54,6 +54,7 @@ __all__ = [
     "apb_layer_attention",
     "apb_local_attention",
     "check_qkv",
+    "key_mask_segments",
     "merge_partials",
     "star_attention",
 ]
@@ -125,8 +126,10 @@ def merge_partials(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array,
     return out.astype(dtype), lse
 
 
-def _segments(batch: int, q_len: int, kv_keep: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Segment ids that keep exactly the keys where ``kv_keep [kv_len]`` is True."""
+def key_mask_segments(batch: int, q_len: int, kv_keep: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Segment ids ``(q_seg [batch, q_len], kv_seg [batch, kv_len])`` that keep exactly the keys
+    where ``kv_keep [kv_len]`` is True (for a local attention's ``segment_ids=``)."""
     q_seg = jnp.zeros((batch, q_len), jnp.int32)
     kv_seg = jnp.broadcast_to(jnp.where(kv_keep, 0, 1).astype(jnp.int32), (batch,) + kv_keep.shape)
     return q_seg, kv_seg
@@ -170,7 +173,7 @@ def _apb_shard(q, k, v, *, layout: APBLayout, axis: str, scorer: Any, sm_scale: 
     valid = gidx < ctx
     attn = functools.partial(attend, sm_scale=sm_scale)
 
-    parts = [attn(ql, kl, vl, causal=True, segment_ids=_segments(b, blk, valid))]
+    parts = [attn(ql, kl, vl, causal=True, segment_ids=key_mask_segments(b, blk, valid))]
     kp = vp = slot_real = None
     if scorer is not None:
         if scorer == "query":
@@ -212,7 +215,8 @@ def _apb_shard(q, k, v, *, layout: APBLayout, axis: str, scorer: Any, sm_scale: 
                     keep.append(slot_real[:n])
                 kk, vv = (x[0] if len(x) == 1 else jnp.concatenate(x, axis=1) for x in (ks, vs))
                 keys_ok = keep[0] if len(keep) == 1 else jnp.concatenate(keep)
-                o, lse = attn(ql, kk, vv, causal=False, segment_ids=_segments(b, blk, keys_ok))
+                o, lse = attn(ql, kk, vv, causal=False,
+                              segment_ids=key_mask_segments(b, blk, keys_ok))
                 return o.astype(jnp.float32), lse.astype(jnp.float32)
             return run
 
@@ -378,7 +382,7 @@ def _tail_attention(q_tail, k_ctx, v_ctx, k_tail, v_tail, *, mesh, layout, axis,
         host = lax.axis_index(axis) if layout.hosts > 1 else jnp.int32(0)
         valid = host * blk + jnp.arange(blk) < ctx
         o, lse = attn(qt, k[:, a:], v[:, a:], causal=False,
-                      segment_ids=_segments(qt.shape[0], qt.shape[1], valid))
+                      segment_ids=key_mask_segments(qt.shape[0], qt.shape[1], valid))
         if layout.hosts == 1:
             return o.astype(jnp.float32), lse
         top = lax.pmax(lax.stop_gradient(lse), axis)  # a stabiliser only
