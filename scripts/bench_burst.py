@@ -53,10 +53,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cpmjax.report import write_json  # noqa: E402
 from cpmjax.timing import median_seconds  # noqa: E402
 from sharding.burst import (  # noqa: E402
     burst_attention,
-    choose_impl,
+    choose_schedule,
     collective_bytes_from_hlo,
     communication_bytes,
     hlo_computation_weights,
@@ -110,7 +111,7 @@ def bench_case(mesh, seq, q_heads, kv_heads, dim, impl, timed, repeats):
     arrays = [jax.device_put(rng.normal(size=s).astype(np.float32), sharding) for s in shapes]
 
     def forward(q, k, v, ct):
-        return burst_attention(q, k, v, mesh=mesh, impl=impl)
+        return burst_attention(q, k, v, mesh=mesh, schedule=impl)
 
     def forward_backward(q, k, v, ct):
         return jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v, ct) * ct),
@@ -158,7 +159,7 @@ def wall_times(mesh, seq, q_heads, kv_heads, dim, label, repeats, warmup=True):
     compiled = {}
     for impl in WALL_IMPLS:
         def forward(q, k, v, ct, impl=impl):
-            return burst_attention(q, k, v, mesh=mesh, impl=impl)
+            return burst_attention(q, k, v, mesh=mesh, schedule=impl)
 
         def forward_backward(q, k, v, ct, forward=forward):
             return jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v, ct) * ct),
@@ -214,7 +215,7 @@ def wall_main(args) -> None:
                       f"{medians['ring']:8.2f} {medians['allgather']:9.2f} | "
                       f"{row['burst_over_ring']:10.3f} {load:5.1f}", flush=True)
                 data["wall"] = wall
-                out_path.write_text(json.dumps(data, indent=1))  # keep partial results
+                write_json(out_path, data)  # keep partial results
     print(f"\nwrote {out_path}")
 
 
@@ -268,7 +269,7 @@ def main() -> None:
         for impl in ("burst", "ring", "auto"):
             mesh_row = bench_case(mesh, gqa_seq, q_heads, kv_heads, args.dim, impl, False, 1)
             entry[impl] = mesh_row["fwd_bwd_bytes"]
-        entry["auto_choice"] = choose_impl(batch=1, seq_len=gqa_seq, q_heads=q_heads,
+        entry["auto_choice"] = choose_schedule(batch=1, seq_len=gqa_seq, q_heads=q_heads,
                                            kv_heads=kv_heads, qk_dim=args.dim, v_dim=args.dim,
                                            num_shards=8)
         gqa.append(entry)
@@ -306,7 +307,7 @@ def main() -> None:
                   "cpu_count": os.cpu_count()},
         "rows": rows, "ratios": ratios, "gqa": gqa,
     }
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     print(f"\nwrote {args.out}")
 
 

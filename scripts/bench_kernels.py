@@ -30,6 +30,7 @@ import platform
 import jax
 import jax.numpy as jnp
 
+from cpmjax.report import markdown_table, write_json
 from cpmjax.timing import median_seconds
 from pallas_kernels import blockwise_attention, flash_attention, fr_lm_head_blockwise
 
@@ -152,41 +153,35 @@ def bench_fr_head(repeats, vocab=128_256, hidden=2304, tokens=60, top_k=64):
 
 
 def _markdown(result) -> str:
-    lines = [
-        "| seq | blockwise fwd s | XLA fwd s | XLA / blockwise time | blockwise fwd peak MiB "
-        "| XLA fwd peak MiB | blockwise fwd+bwd peak MiB | XLA fwd+bwd peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    mib = 2**20
+    attention = []
     for row in result["attention"]:
         xla_s = row["xla_fwd_seconds"]
-        xla_text = "not run (memory)" if xla_s is None else f"{xla_s:.3f}"
-        ratio = "-" if xla_s is None else f"{row['time_ratio_xla_over_blockwise']:.2f}"
-        lines.append(
-            f"| {row['seq']} | {row['blockwise_fwd_seconds']:.3f} | {xla_text} | {ratio} | "
-            f"{row['blockwise_fwd_peak_bytes'] / 2**20:.0f} | "
-            f"{row['xla_fwd_peak_bytes'] / 2**20:.0f} | "
-            f"{row['blockwise_fwd_bwd_peak_bytes'] / 2**20:.0f} | "
-            f"{row['xla_fwd_bwd_peak_bytes'] / 2**20:.0f} |"
-        )
-    lines += ["", "| seq | Pallas interpret fwd s | blockwise fwd s | ratio "
-              "| Pallas interpret fwd+bwd s | blockwise fwd+bwd s | ratio |",
-              "|---|---|---|---|---|---|---|"]
-    for row in result["pallas_interpret"]:
-        lines.append(
-            f"| {row['seq']} | {row['pallas_interpret_fwd_seconds']:.3f} | "
-            f"{row['blockwise_fwd_seconds']:.3f} | {row['fwd_ratio']:.2f} | "
-            f"{row['pallas_interpret_fwd_bwd_seconds']:.3f} | "
-            f"{row['blockwise_fwd_bwd_seconds']:.3f} | {row['fwd_bwd_ratio']:.2f} |"
-        )
-    lines += ["", "| head | rows scored | seconds | GFLOP | XLA GFLOP | peak MiB | speedup vs full |",
-              "|---|---|---|---|---|---|---|"]
-    for row in result["fr_head"]:
-        lines.append(
-            f"| {row['head']} | {row['rows']} | {row['seconds']:.4f} | {row['flops'] / 1e9:.2f} | "
-            f"{row['xla_flops'] / 1e9:.2f} | {row['peak_bytes'] / 2**20:.0f} | "
-            f"{row['speedup_vs_full']:.2f} |"
-        )
-    return "\n".join(lines)
+        attention.append([
+            row["seq"], f"{row['blockwise_fwd_seconds']:.3f}",
+            "not run (memory)" if xla_s is None else f"{xla_s:.3f}",
+            "-" if xla_s is None else f"{row['time_ratio_xla_over_blockwise']:.2f}",
+            f"{row['blockwise_fwd_peak_bytes'] / mib:.0f}", f"{row['xla_fwd_peak_bytes'] / mib:.0f}",
+            f"{row['blockwise_fwd_bwd_peak_bytes'] / mib:.0f}",
+            f"{row['xla_fwd_bwd_peak_bytes'] / mib:.0f}",
+        ])
+    pallas = [[row["seq"], f"{row['pallas_interpret_fwd_seconds']:.3f}",
+               f"{row['blockwise_fwd_seconds']:.3f}", f"{row['fwd_ratio']:.2f}",
+               f"{row['pallas_interpret_fwd_bwd_seconds']:.3f}",
+               f"{row['blockwise_fwd_bwd_seconds']:.3f}", f"{row['fwd_bwd_ratio']:.2f}"]
+              for row in result["pallas_interpret"]]
+    heads = [[row["head"], row["rows"], f"{row['seconds']:.4f}", f"{row['flops'] / 1e9:.2f}",
+              f"{row['xla_flops'] / 1e9:.2f}", f"{row['peak_bytes'] / mib:.0f}",
+              f"{row['speedup_vs_full']:.2f}"] for row in result["fr_head"]]
+    return "\n\n".join([
+        markdown_table(["seq", "blockwise fwd s", "XLA fwd s", "XLA / blockwise time",
+                        "blockwise fwd peak MiB", "XLA fwd peak MiB",
+                        "blockwise fwd+bwd peak MiB", "XLA fwd+bwd peak MiB"], attention),
+        markdown_table(["seq", "Pallas interpret fwd s", "blockwise fwd s", "ratio",
+                        "Pallas interpret fwd+bwd s", "blockwise fwd+bwd s", "ratio"], pallas),
+        markdown_table(["head", "rows scored", "seconds", "GFLOP", "XLA GFLOP", "peak MiB",
+                        "speedup vs full"], heads),
+    ])
 
 
 def main() -> None:
@@ -209,9 +204,7 @@ def main() -> None:
     }
     table = _markdown(result)
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels.json"), "w") as handle:
-        json.dump(result, handle, indent=2)
+    write_json(os.path.join(args.out, "kernels.json"), result, indent=2)
 
 
 if __name__ == "__main__":
