@@ -17,7 +17,6 @@ Usage: python scripts/bench_decode.py [--repeats 3] [--new-tokens 64] [--out doc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from cpmjax.report import machine_info, markdown_table, write_json
 
 
 def measure_copy_bandwidth(size_bytes: int = 512 * 1024**2, repeats: int = 5) -> float:
@@ -125,24 +126,22 @@ def main() -> int:
             "speedup": ours_med / theirs_med,
             "roofline_fraction": steps_per_s / roofline_steps,
         })
-    header = f"{'batch':>5} {'cpmjax tok/s':>13} {'HF tok/s':>10} {'ratio':>7} {'roofline':>9}"
     print(f"model: {n_params / 1e6:.1f}M params (f32 weights {weight_bytes / 1e6:.0f} MB), "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> roofline {roofline_steps:.1f} steps/s, "
           f"threads {args.threads}")
-    print(header)
-    for r in rows:
-        print(f"{r['batch']:>5} {r['cpmjax_tok_s']:>13.1f} {r['transformers_tok_s']:>10.1f} "
-              f"{r['speedup']:>6.2f}x {100 * r['roofline_fraction']:>8.0f}%")
-    os.makedirs(args.out, exist_ok=True)
+    print(markdown_table(
+        ["batch", "cpmjax tok/s", "HF tok/s", "ratio", "roofline"],
+        [[r["batch"], f"{r['cpmjax_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}",
+          f"{r['speedup']:.2f}x", f"{100 * r['roofline_fraction']:.0f}%"] for r in rows],
+        align="rrrrr"))
     summary = {
         "what": "greedy decode tokens/s, float32 CPU, same weights; medians over repeats",
         "params": n_params, "weight_bytes": weight_bytes, "copy_bandwidth_bytes_s": bandwidth,
         "roofline_steps_s": roofline_steps, "threads": args.threads, "repeats": args.repeats,
         "new_tokens": n, "prompt_tokens": args.prompt_tokens, "rows": rows,
-        "python": sys.version.split()[0],
+        "python": sys.version.split()[0], "machine": machine_info(),
     }
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(args.out, "decode.json"), summary, indent=2)
     return 0
 
 

@@ -4,11 +4,12 @@
 row (vanilla decoding); ``sample_nodes`` draws one independent token per tree node by inverting
 the CDF (speculative decoding's verification). Both sample the same distribution.
 
-Top-p needs the sorted probabilities only down to where their mass reaches ``top_p``. With a
-large vocabulary the kept set is almost always a small head, so the cut-off is looked for among
-the ``TOP_P_CANDIDATES`` largest logits first (``lax.top_k``, no sort of the vocabulary); only a
-batch where some row's nucleus is wider than that falls back to the full sort. Either way the
-kept set is the same: the smallest prefix of the sorted ids whose mass reaches ``top_p``.
+Top-p keeps the smallest prefix of the ids sorted by probability whose mass reaches ``top_p``:
+every id whose logit is at least a cut-off value. For a small vocabulary the cut-off is read off
+one sort (``TOP_P_SORT_MAX``); for a large one it is found without sorting, by bisection on the
+float32 order of the logits (32 masked sums over the vocabulary, exact to the last bit of the
+cut-off), because a full sort per row (and per tree node when verifying) dominated batched
+sampling. Both give the same kept set up to float32 rounding of the summed mass.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import jax.numpy as jnp
 from cpmjax.errors import InputError
 
 __all__ = [
-    "TOP_P_CANDIDATES",
+    "TOP_P_SORT_MAX",
     "SamplingConfig",
     "filtered_logits",
     "sample_logits",
     "sample_nodes",
 ]
 
-# how many of the largest logits the top-p cut-off is first looked for among (per row)
-TOP_P_CANDIDATES = 1024
+# vocabularies up to this size find the top-p cut-off by one sort; larger ones by bisection
+TOP_P_SORT_MAX = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +66,31 @@ def _nucleus_cutoff(logits: jax.Array, top_p: float) -> jax.Array:
     return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
 
 
-def _bounded_nucleus_cutoff(logits: jax.Array, top_p: float, candidates: int) -> jax.Array:
-    """``_nucleus_cutoff`` looked for among the ``candidates`` largest logits (their true
-    probabilities: normalised over the whole vocabulary); the full sort runs only when some row's
-    nucleus does not end among them."""
-    values = jax.lax.top_k(logits, candidates)[0]  # [..., c], descending
-    probs = jnp.exp(values - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-    cumulative = jnp.cumsum(probs, axis=-1)
-    keep = (cumulative - probs) < top_p
-    cutoff = jnp.min(jnp.where(keep, values, jnp.inf), axis=-1, keepdims=True)
-    inside = jnp.all(cumulative[..., -1] >= top_p)
-    return jax.lax.cond(inside, lambda _: cutoff, lambda _: _nucleus_cutoff(logits, top_p),
-                        None)
+def _order_key(x: jax.Array) -> jax.Array:
+    """int32 keys with the order of the float32 values ``x`` (``-inf`` lowest)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _bisected_nucleus_cutoff(logits: jax.Array, top_p: float) -> jax.Array:
+    """``_nucleus_cutoff`` without a sort: the smallest logit ``c`` whose strictly larger logits
+    hold less than ``top_p`` of the mass (the first id of that value in the sorted order has
+    exactly that mass before it), found by bisection over the 2**32 float32 order keys."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _order_key(logits)
+    # invariant: the mass above key ``hi`` is < top_p (none is above the largest), and above
+    # ``lo`` it is not (all of it is above the smallest key - 1)
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+    lo = jnp.min(keys, axis=-1, keepdims=True) - 1
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        below = jnp.sum(jnp.where(keys > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
+        return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return jnp.min(jnp.where(keys >= hi, logits, jnp.inf), axis=-1, keepdims=True)
 
 
 def filtered_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -88,12 +102,10 @@ def filtered_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
-        # after top-k, the nucleus lies among the top_k kept ids
-        bound = min(sampling.top_k or vocab, TOP_P_CANDIDATES)
-        if bound >= vocab:
+        if vocab <= TOP_P_SORT_MAX:
             cutoff = _nucleus_cutoff(logits, sampling.top_p)
         else:
-            cutoff = _bounded_nucleus_cutoff(logits, sampling.top_p, bound)
+            cutoff = _bisected_nucleus_cutoff(logits, sampling.top_p)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
 
