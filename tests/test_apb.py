@@ -283,3 +283,52 @@ def test_query_tail_attends_the_sharded_cache_through_decode_attention(monkeypat
     assert calls == [(B, 3, 4, 8)] * model.config.num_hidden_layers
     want, _ = model(tokens, cache=model.init_cache(B, 32))
     _close(logits, want[:, -1], 1e-4)
+
+
+def test_retaining_heads_get_the_layer_index_through_the_seam():
+    """RetainingHeads scores layer i with head i: the model passes its layer index through
+    ops.attention(layer=). Same numbers as the old scorer that counted its calls in layer
+    order; a different head per layer matters."""
+    from cpmjax.generate.prefill import apb_prefill
+    from sharding.apb import RetainingHeads
+    from sharding.mesh import make_mesh
+
+    model = _tiny_model(4)
+    mesh = make_mesh(sequence=4)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (B, 40), 0, 64)
+    h0, h1 = (RetainingHead.init(jax.random.PRNGKey(s), 4, 2, 8, hidden=8) for s in (6, 7))
+
+    class Counting:  # the old behaviour: the next layer's head on every call (trace order)
+        def __init__(self, heads):
+            self.heads, self.calls = heads, 0
+
+        def __call__(self, q, k, v, *, query=None, **_):
+            head = self.heads[self.calls % len(self.heads)]
+            self.calls += 1
+            return head(q, k, v)
+
+    def prefill_logits(scorer):  # hidden states of every position (layer 1 reads head 1)
+        hidden, _, _ = apb_prefill(model, tokens, model.init_cache(B, 48), mesh=mesh,
+                                   anchor_len=4, passing_len=3, query_len=2, scorer=scorer,
+                                   impl="reference", return_hidden=True)
+        return np.asarray(hidden)
+
+    heads = RetainingHeads([h0, h1])
+    got = prefill_logits(heads)
+    np.testing.assert_array_equal(got, prefill_logits(Counting([h0, h1])))
+    assert np.max(np.abs(got - prefill_logits(RetainingHeads([h0, h0])))) > 0
+    assert heads.reset() is None  # kept as a no-op
+    q, k, v = _qkv(8)
+    with pytest.raises(ConfigError, match="no layer index"):
+        heads(q, k, v)
+    np.testing.assert_array_equal(heads(q, k, v, layer=3), h1(q, k, v))
+
+
+def test_deprecated_keywords_still_work():
+    q, k, v = _qkv(40, seed=3)
+    mesh = _mesh()
+    kw = dict(mesh=mesh, query_len=2, anchor_len=4, passing_len=2)
+    new = apb_attention(q, k, v, impl="reference", **kw)
+    with pytest.warns(DeprecationWarning, match="attention_impl"):
+        old = apb_attention(q, k, v, attention_impl="reference", **kw)
+    np.testing.assert_array_equal(old, new)

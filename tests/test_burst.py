@@ -262,6 +262,22 @@ def test_user_errors_are_typed():
         burst_attention(q[:, :, :3], k, v, mesh=mesh)
 
 
+def test_schedule_keyword_and_deprecated_aliases():
+    """schedule= picks the ring, impl= the local attention; the old impl="ring" (a schedule
+    name) and local_attention= still work, with a DeprecationWarning, and agree exactly."""
+    q, k, v, _, _ = _inputs(batch=1, seq=64)
+    mesh = _mesh()
+    new = burst_attention(q, k, v, mesh=mesh, schedule="ring", impl="reference")
+    with pytest.warns(DeprecationWarning) as record:
+        old = burst_attention(q, k, v, mesh=mesh, impl="ring",
+                              local_attention=reference_local_attention)
+    messages = " ".join(str(w.message) for w in record)
+    assert "schedule='ring'" in messages and "local_attention=" in messages
+    np.testing.assert_array_equal(old, new)
+    with pytest.raises(ConfigError, match="unknown burst schedule 'fast'"):
+        burst_attention(q, k, v, mesh=mesh, schedule="fast")
+
+
 def test_sharding_errors_are_cpmjax_errors():
     """sharding defines its own error types (it imports nothing from cpmjax); cpmjax.errors
     re-exports them, so cpmjax's except clauses catch what sharding raises."""

@@ -65,3 +65,50 @@ def test_default_backend_is_blockwise_for_long_keys(monkeypatch):
         assert ("scan" in jaxpr) == uses_scan, length
     out = ops.attention(q, k, v, causal=True, segment_ids=seg)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_one_vocabulary_and_deprecated_names():
+    """impl= takes the library's names; backend= and "xla" still work with a DeprecationWarning
+    and give the same numbers."""
+    import pallas_kernels
+
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, 16, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 16, 2, 8)), jnp.float32)
+    ref = ops.attention(q, k, k, impl="reference")
+    assert set(pallas_kernels.IMPLS) - {"auto"} <= set(ops.available_backends())
+    with pytest.warns(DeprecationWarning, match="backend="):
+        old = ops.attention(q, k, k, backend="blockwise", block_k=8)
+    np.testing.assert_array_equal(old, ops.attention(q, k, k, impl="blockwise", block_k=8))
+    with pytest.warns(DeprecationWarning, match="'xla'"):
+        np.testing.assert_array_equal(ops.attention(q, k, k, impl="xla"), ref)
+    with pytest.warns(DeprecationWarning, match="'xla'"):
+        with ops.attention_backend("xla"):
+            assert ops.current_backend()[0] == "reference"
+    with pytest.warns(DeprecationWarning):
+        assert pallas_kernels.resolve_impl("xla") == "reference"
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        pallas_kernels.local_attention(q, k, k, causal=True, impl="cuda")
+    # a callable local attention is accepted where a local attention is expected
+    calls = []
+
+    def mine(q, k, v, **kw):
+        calls.append(kw["q_offset"])
+        return pallas_kernels.local_attention(q, k, v, impl="reference", **kw)
+
+    np.testing.assert_allclose(ops.attention(q, k, k, impl=mine), ref, rtol=1e-6, atol=1e-6)
+    assert calls == [0]
+
+
+def test_local_attention_keeps_each_call_sites_numbers():
+    """The seam runs exactly the kernels the call sites ran before (same block sizes)."""
+    from pallas_kernels import blockwise_attention, local_attention
+
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((1, 40, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 600, 2, 8)), jnp.float32)
+    out, lse = local_attention(q, k, k, causal=True, q_offset=560, impl="blockwise")
+    want = blockwise_attention(q, k, k, causal=True, q_offset=560, block_k=512, return_lse=True)
+    np.testing.assert_array_equal(out, want[0])
+    np.testing.assert_array_equal(lse, want[1])
+    assert lse.shape == (1, 4, 40) and lse.dtype == jnp.float32
