@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpmjax.errors import ConfigError, InputError, MissingPathError, TokenIdError
+from pallas_kernels import IMPLS, resolve_impl
 
 
 def count_token_frequencies(
@@ -99,21 +100,21 @@ def load_freq_vocab(path_or_ids: Any, subset: int | None = None,
     return ids
 
 
-# the draft head's implementations (the library-wide kernel vocabulary; hard-coded here until
-# pallas_kernels exports one list of them)
-HEAD_IMPLS = ("reference", "blockwise", "pallas")
-_DEPRECATED_IMPLS = {"xla": "reference"}
+# the draft head's implementations: the library-wide ``impl=`` names (pallas_kernels.IMPLS)
+# but "auto" (the head has no size-based choice to make)
+HEAD_IMPLS = tuple(name for name in IMPLS if name != "auto")
 
 
-def resolve_head_impl(impl: str, *, what: str = "draft head impl") -> str:
+def resolve_head_impl(impl: str, *, what: str = "impl", stacklevel: int = 3) -> str:
     """``impl`` checked against ``HEAD_IMPLS``; the old name ``"xla"`` (= ``"reference"``) is
-    accepted with a ``DeprecationWarning``. Raises ``ConfigError`` naming the value."""
-    if impl in _DEPRECATED_IMPLS:
-        warnings.warn(f"{what}={impl!r} is deprecated; use {_DEPRECATED_IMPLS[impl]!r}",
-                      DeprecationWarning, stacklevel=3)
-        impl = _DEPRECATED_IMPLS[impl]
+    accepted with a ``DeprecationWarning`` (``stacklevel`` counted from here). Raises
+    ``ConfigError`` naming the value."""
+    try:
+        impl = resolve_impl(impl, keyword=what, stacklevel=stacklevel)
+    except ValueError:
+        pass  # named in the ConfigError below
     if impl not in HEAD_IMPLS:
-        raise ConfigError(f"{what} {impl!r}: use one of {HEAD_IMPLS}")
+        raise ConfigError(f"{what}={impl!r} is not one of {HEAD_IMPLS}")
     return impl
 
 

@@ -144,7 +144,7 @@ class Speculative:
             warnings.warn("Speculative(head_backend=...) is deprecated; use head_impl= "
                           "('xla' is now 'reference')", DeprecationWarning, stacklevel=3)
             self.head_impl = "reference" if head_backend == "xla" else head_backend
-        self.head_impl = resolve_head_impl(self.head_impl, what="Speculative head_impl")
+        self.head_impl = resolve_head_impl(self.head_impl, what="head_impl", stacklevel=4)
 
 
 @dataclasses.dataclass
