@@ -83,14 +83,13 @@ __all__ = [
     "METHODS",
     "Speculative",
     "SpeculativeStats",
+    "check_speculative",
     "default_draft_path",
     "resolve",
     "run_speculative",
 ]
 
 METHODS = ("eagle2", "frspec")
-
-
 DEFAULT_DRAFT_NAME = "cpmjax-tiny-draft"
 DEFAULT_FREQ_VOCAB = "freq_vocab.npy"
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
