@@ -150,3 +150,51 @@ def test_no_private_names_across_packages():
             if (private_module or private_names) and owner(target) != owner(module):
                 bad.append(f"{module}: from {node.module} import {', '.join(names)}")
     assert bad == []
+
+
+LOW = {"cpmjax.errors", "cpmjax.report", "cpmjax.timing", "cpmjax.tokenizer",
+       "cpmjax.safetensors_io", "cpmjax.ops", "cpmjax.attention_backends", "cpmjax.models",
+       "cpmjax.hf"}
+FEATURES = {"cpmjax.delta", "cpmjax.train", "cpmjax.generate", "cpmjax.evals"}
+
+
+def _level(module: str) -> int:
+    """0 kernels, 1 sharding, 2 models and the seams, 3 features, 4 the public package and the
+    command line (``cpmjax/__init__.py``, ``cpmjax/cli.py``, every ``*/cli.py``)."""
+    parts = module.split(".")
+    if parts[0] == "pallas_kernels":
+        return 0
+    if parts[0] == "sharding":
+        return 1
+    if module == "cpmjax" or parts[-1] == "cli":
+        return 4
+    owner = ".".join(parts[:2])
+    if owner in LOW:
+        return 2
+    if owner in FEATURES:
+        return 3
+    raise AssertionError(f"{module} is in no layer: add it to LOW or FEATURES (and to "
+                         "docs/architecture.md)")
+
+
+def test_imports_only_run_downwards():
+    graph = _graph()
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                    if _level(t) > _level(m))
+    assert upward == []
+
+
+def test_features_import_each_other_one_way():
+    """Between the feature packages (layer 3) only these directions exist."""
+    allowed = {("cpmjax.generate", "cpmjax.train"), ("cpmjax.train", "cpmjax.delta"),
+               ("cpmjax.evals", "cpmjax.generate"), ("cpmjax.evals", "cpmjax.train")}
+    graph = _graph()
+    seen = set()
+    for module, targets in graph.items():
+        if _level(module) != 3:
+            continue
+        for target in targets:
+            pair = (".".join(module.split(".")[:2]), ".".join(target.split(".")[:2]))
+            if _level(target) == 3 and pair[0] != pair[1]:
+                seen.add(pair)
+    assert seen - allowed == set()
