@@ -8,7 +8,9 @@
     cpmjax info [--model DIR]                          (config and parameter count)
 
 ``generate`` streams text to stdout and prints prefill / decode tokens per second to stderr;
-without ``--model`` it uses the bundled default model.
+without ``--model`` it uses the bundled default model. Its speculative flags (``--spec
+eagle2|frspec`` ...) come from ``cpmjax.generate.cli``; speculative decoding follows ``--prefill
+local`` or ``ring``, and ``cpmjax.generate`` rejects it after ``apb`` / ``star`` (exit code 2).
 """
 
 from __future__ import annotations
