@@ -15,6 +15,12 @@ k ``[batch, kv_len, kv_heads, qk_dim]``, v ``[batch, kv_len, kv_heads, v_dim]`` 
   is the fast path on CPU.
 - :func:`attention_reference`: materialises the scores; the ground truth in tests.
 
+Choosing among the three is the library's implementation vocabulary (``impl="reference" |
+"blockwise" | "pallas" | "auto"``, :func:`pallas_kernels.local_attention`). ``kernel=`` of
+:func:`flash_attention` is deliberately not part of it: it picks the *lowering* of the Pallas
+implementation (``"portable"`` kernels for TPU and the CPU interpreter, ``"mosaic_gpu"`` for
+Hopper, ``"auto"``), a sub-option of ``impl="pallas"`` that ``local_attention`` passes through.
+
 Conventions shared by all three:
 
 - GQA/MQA: q head ``i`` reads kv head ``i // (q_heads // kv_heads)``; kv is never repeated.
