@@ -11,8 +11,8 @@ One *cycle* (the body of a ``lax.while_loop``, batched, every row independent):
    to scratch slots ``[cache_len, cache_len + T)`` of the target cache, at tree positions, under
    the tree mask.
 3. **Accept / commit** (``_commit``): the target picks its token after every node it reaches
-   (argmax, or one sample per node from its temperature / top-k / top-p distribution, drawn
-   along the walk from the root: ``_sample_path``); the longest draft path
+   on the walk from the root (``_target_path``: argmax, or one sample per node from its
+   temperature / top-k / top-p distribution); the longest draft path
    that agrees is accepted, plus the target's token after it (the *bonus*). The accepted path's
    keys/values are copied from the scratch slots to consecutive slots (slot = position again),
    and the draft re-reads the accepted path with the target's true features (its KV cache gets
@@ -306,7 +306,8 @@ def _draft_tree(target: CausalLM, draft: EagleDraft, head: jax.Array, subset_ids
 
 
 def _verify(target: CausalLM, st: _Static, carry: dict, tree: tree_lib.Tree):
-    """One target forward over the tree: hidden ``[b, T, h]``, logits ``[b, T, V]``, cache."""
+    """One target forward over the tree: hidden ``[b, T, h]`` and the cache (the logits are
+    computed by ``_target_path`` for the nodes it visits only)."""
     pos = carry["pos"]
     b, t = tree.tokens.shape
     positions = tree_lib.tree_positions(pos, tree)
@@ -316,7 +317,7 @@ def _verify(target: CausalLM, st: _Static, carry: dict, tree: tree_lib.Tree):
     hidden, tcache = target(tree.tokens, positions=positions, cache=carry["tcache"],
                             attend_cache=True, mask=mask, cache_slots=slots, return_hidden=True,
                             rope_seq_len=rope_len)
-    return hidden, ops.lm_head(hidden, target.head_weight()), tcache
+    return hidden, tcache
 
 
 def _compact(cache: list, src: jax.Array, dst: jax.Array) -> list:
@@ -340,13 +341,10 @@ def _catch_up(target: CausalLM, draft: EagleDraft, features, tokens, pos, slots,
 
 
 def _commit(target: CausalLM, draft: EagleDraft, st: _Static, carry: dict,
-            tree: tree_lib.Tree, hidden, logits, tcache, dcache, key) -> dict:
+            tree: tree_lib.Tree, hidden, tcache, dcache, key) -> dict:
     b, t = tree.tokens.shape
     depth = st.depth
-    if st.sampling.greedy:
-        choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:  # the [b, T, vocab] logits go unused (and uncomputed): only the path is sampled
-        choice = _sample_path(target, hidden, tree, key, st.sampling, depth)
+    choice = _target_path(target, hidden, tree, key, st.sampling, depth)
     accept_len, path, bonus = tree_lib.accept(tree, choice, depth)
     active = ~carry["done"]
     pos, lengths = carry["pos"], carry["lengths"]
@@ -401,18 +399,18 @@ def _commit(target: CausalLM, draft: EagleDraft, st: _Static, carry: dict,
     )
 
 
-def _sample_path(target: CausalLM, hidden: jax.Array, tree: tree_lib.Tree, key: jax.Array,
+def _target_path(target: CausalLM, hidden: jax.Array, tree: tree_lib.Tree, key: jax.Array,
                  sampling: SamplingConfig, depth: int) -> jax.Array:
-    """The target's sampled token after each node on the walk from the root: ``[b, T]`` int32,
-    -1 at the nodes the walk does not reach.
+    """The target's token after each node on the walk from the root: ``[b, T]`` int32, -1 at
+    the nodes the walk does not reach.
 
-    The walk samples the root's token (one ``sample_nodes`` draw from the target distribution
-    after it, computed from ``hidden [b, T, h]`` for that node only), moves to the child that
-    carries it, samples there, and so on until no child matches. ``tree_lib.accept`` then finds
-    that same path. Each visited node gets one independent sample from its distribution, so
-    the committed tokens are distributed exactly as with one sample at every node (the samples
-    at nodes off the walk are never read); the cost is ``depth + 1`` rows of logits, filtering
-    and sampling per row instead of ``T``."""
+    The walk picks the target's token after the root (its argmax for greedy decoding, else one
+    ``sample_nodes`` draw from its filtered distribution), computed from ``hidden [b, T, h]``
+    for that node only, moves to the child that carries it, picks there, and so on until no
+    child matches. ``tree_lib.accept`` then finds that same path. Each visited node gets one
+    independent sample from its distribution, so the committed tokens are distributed exactly
+    as with one sample at every node (the picks at nodes off the walk are never read); the cost
+    is ``depth + 1`` rows of logits (and filtering and sampling) per row instead of ``T``."""
     b, t = tree.tokens.shape
     rows = jnp.arange(b)
     weight = target.head_weight()
@@ -421,7 +419,10 @@ def _sample_path(target: CausalLM, hidden: jax.Array, tree: tree_lib.Tree, key: 
     walking = jnp.ones((b,), bool)
     for d, sub in enumerate(jax.random.split(key, depth + 1)):
         logits = ops.lm_head(hidden[rows, node], weight)  # [b, vocab]
-        token = sample_nodes(logits[:, None], sub, sampling)[:, 0]
+        if sampling.greedy:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            token = sample_nodes(logits[:, None], sub, sampling)[:, 0]
         choice = choice.at[rows, node].set(jnp.where(walking, token, choice[rows, node]))
         if d == depth:
             break
@@ -470,9 +471,8 @@ def _loop_fn(tgraph, dgraph, st: _Static, tstate, dstate, head, subset_ids, carr
     def body(c):
         key, sub = jax.random.split(c["key"])
         tree, dcache = _draft_tree(target, draft, head, subset_ids, st, c)
-        hidden, logits, tcache = _verify(target, st, c, tree)
-        c = _commit(target, draft, st, dict(c, key=key), tree, hidden, logits, tcache, dcache,
-                    sub)
+        hidden, tcache = _verify(target, st, c, tree)
+        c = _commit(target, draft, st, dict(c, key=key), tree, hidden, tcache, dcache, sub)
         return dict(c, it=c["it"] + 1)
 
     return jax.lax.while_loop(cond, body, carry)
@@ -504,10 +504,10 @@ def _verify_phase_fn(tgraph, dgraph, st, iterations, tstate, dstate, head, subse
 
     def body(_, state):
         tokens, tcache = state
-        _, logits, tcache = _verify(target, st, dict(carry, tcache=tcache),
-                                    tree._replace(tokens=tokens))
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return tokens, tcache
+        hidden, tcache = _verify(target, st, dict(carry, tcache=tcache),
+                                 tree._replace(tokens=tokens))
+        picked = _target_path(target, hidden, tree, carry["key"], st.sampling, st.depth)
+        return jnp.where(picked >= 0, picked, tokens), tcache
 
     return jax.lax.fori_loop(0, iterations, body, (tree.tokens, carry["tcache"]))[0]
 
