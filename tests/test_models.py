@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import (
     TorchMiniCPM,
+    minicpm_hf_dict,
     save_hf_model,
     tiny_llama_config,
     tiny_minicpm3_config,
@@ -173,3 +174,28 @@ def test_sharded_load_on_8_devices(tmp_path):
     assert q_kernel.addressable_shards[0].data.shape == (16, 16)
     ids = _ids(batch=4)
     _assert_close(model(jnp.asarray(ids)), _hf_logits(hf, ids))
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["gqa", "mla"])
+def test_layers_pass_their_index_through_the_attention_seam(mla):
+    """Every decoder layer calls ops.attention with layer=i (in order), so per-layer backends
+    (APB's retaining heads) need no call counting."""
+    from flax import nnx
+
+    from cpmjax import ops
+    from cpmjax.models import CausalLM
+
+    hf = (tiny_minicpm3_config(num_hidden_layers=3).to_dict() if mla
+          else minicpm_hf_dict(num_hidden_layers=3))
+    model = CausalLM(ModelConfig.from_hf_dict(hf), rngs=nnx.Rngs(0))
+    seen = []
+
+    def record(fn):
+        def wrapped(q, k, v, **kw):
+            seen.append(kw.get("layer"))
+            return fn(q, k, v, **kw)
+        return wrapped
+
+    with ops.attention_transform(record):
+        model(_ids(batch=1, seq=5))
+    assert seen == list(range(model.config.num_hidden_layers))
