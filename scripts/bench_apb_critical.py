@@ -71,7 +71,7 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from cpmjax.report import write_json, write_text  # noqa: E402
+from cpmjax.report import markdown_table, write_json, write_text  # noqa: E402
 from sharding.apb import resolve_scorer  # noqa: E402
 from sharding.apb.critical import (  # noqa: E402
     HEAD_DIM,
@@ -284,17 +284,16 @@ def render_markdown(result: dict[str, Any]) -> str:
          "the note under the verdict says why not the medians)." if result.get("basis") == "first" else
          "Times: medians over each function's rounds."),
         "",
-        "| method | slowest host | attention s | APB faster by | analytic | token-wise s | "
-        "layer s | APB faster by (layer) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     rp = result.get("ratios_analytic_pairs", {})
-    for m, row in crit.items():
-        lines.append(
-            f"| {LABELS[m]} | {row['host']} | {_fmt(row['attention_s'])}"
-            + (" (extrapolated)" if m == "full" and not row.get("measured") else "")
-            + f" | **{_fmt(ra.get(m))}x** | {_fmt(rp.get(m))}x | {_fmt(row.get('tokenwise_s'))} "
-            f"| {_fmt(row.get('layer_s'))} | **{_fmt(rl.get(m))}x** |")
+    lines.append(markdown_table(
+        ["method", "slowest host", "attention s", "APB faster by", "analytic", "token-wise s",
+         "layer s", "APB faster by (layer)"],
+        [[LABELS[m], row["host"], _fmt(row["attention_s"])
+          + (" (extrapolated)" if m == "full" and not row.get("measured") else ""),
+          f"**{_fmt(ra.get(m))}x**", f"{_fmt(rp.get(m))}x", _fmt(row.get("tokenwise_s")),
+          _fmt(row.get("layer_s")), f"**{_fmt(rl.get(m))}x**"] for m, row in crit.items()],
+        align="llrrrrrr"))
     lines += [
         "",
         "\"APB faster by\" = method time / APB time. *Analytic* = the same ratio of query-key "
@@ -305,44 +304,40 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         "### Every timed function (median seconds, wall and process CPU)",
         "",
-        "| function | rows / tokens | rounds | median wall s | median CPU s | wall s by round "
-        "| CPU / wall by round |",
-        "|---|---|---:|---:|---:|---|---|",
     ]
-    for name, t in timings.items():
-        if not t.get("times"):
-            continue
-        lines.append(f"| {name} | {result.get('rows', {}).get(name, '')} | {len(t['times'])} | "
-                     f"{t['median_s']:.2f} | {t['median_cpu_s']:.2f} | "
-                     + ", ".join(f"{x:.2f}" for x in t["times"]) + " | "
-                     + ", ".join(f"{c / w:.2f}" for c, w in zip(t["cpu_times"], t["times"],
-                                                                strict=True))
-                     + " |")
+    lines.append(markdown_table(
+        ["function", "rows / tokens", "rounds", "median wall s", "median CPU s",
+         "wall s by round", "CPU / wall by round"],
+        [[name, result.get("rows", {}).get(name, ""), len(t["times"]), f"{t['median_s']:.2f}",
+          f"{t['median_cpu_s']:.2f}", ", ".join(f"{x:.2f}" for x in t["times"]),
+          ", ".join(f"{c / w:.2f}" for c, w in zip(t["cpu_times"], t["times"], strict=True))]
+         for name, t in timings.items() if t.get("times")],
+        align="llrrrll"))
     pairs = result.get("paired_rounds", [])
     if pairs:
         lines += ["", "APB's and Star's slowest hosts, round by round (they run next to each "
                   "other in every round):", "",
-                  "| round | APB wall s | Star wall s | Star / APB wall | APB CPU s | Star CPU s "
-                  "| Star / APB CPU |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        for p in pairs:
-            lines.append(f"| {p['round']} | {p['apb_s']:.2f} | {p['star_s']:.2f} | "
-                         f"{p['star_over_apb']:.2f} | {p['apb_cpu_s']:.2f} | "
-                         f"{p['star_cpu_s']:.2f} | {p['star_over_apb_cpu']:.2f} |")
+                  markdown_table(
+                      ["round", "APB wall s", "Star wall s", "Star / APB wall", "APB CPU s",
+                       "Star CPU s", "Star / APB CPU"],
+                      [[p["round"]] + [f"{p[k]:.2f}" for k in (
+                          "apb_s", "star_s", "star_over_apb", "apb_cpu_s", "star_cpu_s",
+                          "star_over_apb_cpu")] for p in pairs],
+                      align="r" * 7)]
     others = result.get("other_runs", [])
     if others:
         lines += ["", "### The same measurement at other lengths (ratios to APB)", "",
-                  "| context tokens | vs Ring (contiguous) | vs Ring (zigzag) | vs Star | vs Full "
-                  "| layer: vs Ring (contiguous) | vs Ring (zigzag) | vs Star | command |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for run in others:
-            a_, l_ = run.get("ratios_attention", {}), run.get("ratios_layer", {})
-            lines.append(
-                f"| {run['context_tokens']:,} | " + " | ".join(
-                    f"{_fmt(a_.get(m))}x" for m in ("ring_contiguous", "ring_zigzag", "star",
-                                                    "full"))
-                + " | " + " | ".join(f"{_fmt(l_.get(m))}x" for m in ("ring_contiguous",
-                                                                      "ring_zigzag", "star"))
-                + f" | `{run['command']}` |")
+                  markdown_table(
+                      ["context tokens", "vs Ring (contiguous)", "vs Ring (zigzag)", "vs Star",
+                       "vs Full", "layer: vs Ring (contiguous)", "vs Ring (zigzag)", "vs Star",
+                       "command"],
+                      [[f"{run['context_tokens']:,}"]
+                       + [f"{_fmt(run.get('ratios_attention', {}).get(m))}x"
+                          for m in ("ring_contiguous", "ring_zigzag", "star", "full")]
+                       + [f"{_fmt(run.get('ratios_layer', {}).get(m))}x"
+                          for m in ("ring_contiguous", "ring_zigzag", "star")]
+                       + [f"`{run['command']}`"] for run in others],
+                      align="r" * 8 + "l")]
     verdict = _verdict(result)
     lines += ["", "### Verdict against the issue's target (APB >= 2x ring, >= 1.25x Star at 128K)",
               "", *verdict, ""]
@@ -358,14 +353,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         "2, the same for APB and Star: two float32 all-reduces of the 64 query rows' partial "
         "outputs and softmax weights) is listed apart.",
         "",
-        "| method | what moves | bytes per host | query tail bytes | at 900 GB/s | at 100 GB/s |",
-        "|---|---|---:|---:|---:|---:|",
+        markdown_table(
+            ["method", "what moves", "bytes per host", "query tail bytes", "at 900 GB/s",
+             "at 100 GB/s"],
+            [[LABELS[m], row["what"], f"{row['bytes'] / 1e6:.1f} MB",
+              f"{row.get('query_tail_bytes', 0) / 1e6:.2f} MB",
+              f"{row['seconds']['900GB/s'] * 1e3:.3f} ms",
+              f"{row['seconds']['100GB/s'] * 1e3:.2f} ms"] for m, row in com["methods"].items()],
+            align="llrrrr"),
     ]
-    for m, row in com["methods"].items():
-        sec = row["seconds"]
-        lines.append(f"| {LABELS[m]} | {row['what']} | {row['bytes'] / 1e6:.1f} MB | "
-                     f"{row.get('query_tail_bytes', 0) / 1e6:.2f} MB | "
-                     f"{sec['900GB/s'] * 1e3:.3f} ms | {sec['100GB/s'] * 1e3:.2f} ms |")
     lines += [
         "",
         "Against the CPU seconds above every transfer is negligible, but that comparison "
