@@ -64,7 +64,7 @@ from cpmjax.evals.apb_quality import (  # noqa: E402
     uniform_scores,
     wilson_interval,
 )
-from cpmjax.report import write_json  # noqa: E402
+from cpmjax.report import markdown_table, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------- data
 
@@ -184,15 +184,16 @@ def run_kl(args, report: dict) -> None:
 
 def _print_kl(out: dict) -> None:
     print("\n### (a) KL(full || method) on held-out stdlib source, 8 hosts\n")
-    print("| L | query | method | region | block / anchor / passing | tokens | mean KL (nats) | "
-          "top-1 agree | acc (full) | acc (method) | NLL (full) | NLL (method) |")
-    print("|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in out["rows"]:
-        print(f"| {r['length']} | {r.get('query_len', 16)} | {r['method']} | {r['region']} | "
-              f"{r['block_len']} / "
-              f"{r['anchor_len']} / {r['passing_len']} | {r['tokens']} | {r['kl_mean']:.4f} | "
-              f"{r['top1_agreement']:.3f} | {r['full_accuracy']:.3f} | {r['accuracy']:.3f} | "
-              f"{r['full_nll']:.3f} | {r['nll']:.3f} |")
+    print(markdown_table(
+        ["L", "query", "method", "region", "block / anchor / passing", "tokens",
+         "mean KL (nats)", "top-1 agree", "acc (full)", "acc (method)", "NLL (full)",
+         "NLL (method)"],
+        [[r["length"], r.get("query_len", 16), r["method"], r["region"],
+          f"{r['block_len']} / {r['anchor_len']} / {r['passing_len']}", r["tokens"],
+          f"{r['kl_mean']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['full_accuracy']:.3f}",
+          f"{r['accuracy']:.3f}", f"{r['full_nll']:.3f}", f"{r['nll']:.3f}"]
+         for r in out["rows"]],
+        align="rrlllrrrrrrr"))
 
 
 # ----------------------------------------------------------------------------- part (b): KV
@@ -286,15 +287,9 @@ def run_kv(args, report: dict) -> None:
 
 def _print_kv(out: dict) -> None:
     print("\n### (b) key-value retrieval, exact match of the greedy value, 8 hosts\n")
-    print("| pairs | prompt tokens | needle | block / anchor / passing | method | correct / n | "
-          "accuracy | 95% CI (Wilson) | vs full (paired 95% CI) | needle on host 0 | "
-          "on a later host | straddling a boundary |")
-    print("|---:|---:|---|---|---|---:|---:|---|---|---:|---:|---:|")
+    rows = []
     for r in out["rows"]:
         lo, hi = r["ci95"]
-        h0 = f"{r['host0_correct']}/{r['host0_n']}"
-        later = f"{r['later_correct']}/{r['later_n']}"
-        strad = f"{r.get('straddle_correct', '?')}/{r.get('straddle_n', '?')}"
         delta = "—"
         if "delta_vs_full" in r:
             dlo, dhi = r["delta_ci95"]
@@ -302,9 +297,17 @@ def _print_kv(out: dict) -> None:
                      f"{100 * dhi:+.1f}]")
         shape = "—" if r["anchor_len"] is None else \
             f"{r['block_len']} / {r['anchor_len']} / {r['passing_len']}"
-        print(f"| {r['pairs']} | {r['seq']} | {r.get('placement', 'random')} | {shape} | "
-              f"{r['method']} | {r['correct']}/{r['n']} | {100 * r['accuracy']:.1f}% | "
-              f"[{100 * lo:.1f}, {100 * hi:.1f}] | {delta} | {h0} | {later} | {strad} |")
+        rows.append([r["pairs"], r["seq"], r.get("placement", "random"), shape, r["method"],
+                     f"{r['correct']}/{r['n']}", f"{100 * r['accuracy']:.1f}%",
+                     f"[{100 * lo:.1f}, {100 * hi:.1f}]", delta,
+                     f"{r['host0_correct']}/{r['host0_n']}",
+                     f"{r['later_correct']}/{r['later_n']}",
+                     f"{r.get('straddle_correct', '?')}/{r.get('straddle_n', '?')}"])
+    print(markdown_table(
+        ["pairs", "prompt tokens", "needle", "block / anchor / passing", "method",
+         "correct / n", "accuracy", "95% CI (Wilson)", "vs full (paired 95% CI)",
+         "needle on host 0", "on a later host", "straddling a boundary"],
+        rows, align="rrlllrrllrrr"))
 
 
 # ----------------------------------------------------------------------------- CLI
