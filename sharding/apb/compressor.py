@@ -4,6 +4,7 @@ trained retaining head), max-pool the scores along the sequence and keep the top
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 # (q_local, k_local, v_local, *, query) -> scores [b, block, kv_heads]; query may be None
-Scorer = Any
+Scorer = Callable[..., jax.Array]
 
 
 def query_aware_scores(q: jax.Array, k: jax.Array, v: jax.Array, *, query: jax.Array | None,
