@@ -26,6 +26,7 @@ from cpmjax.errors import ConfigError, CpmjaxError, MissingPathError
 _PLUGINS = [
     ("cpmjax.train.cli", "register"),
     ("cpmjax.generate.cli", "register"),
+    ("cpmjax.launch", "register"),
 ]
 
 

@@ -154,7 +154,7 @@ def test_no_private_names_across_packages():
 
 LOW = {"cpmjax.errors", "cpmjax.report", "cpmjax.timing", "cpmjax.tokenizer",
        "cpmjax.safetensors_io", "cpmjax.ops", "cpmjax.attention_backends", "cpmjax.models",
-       "cpmjax.hf"}
+       "cpmjax.hf", "cpmjax.distributed", "cpmjax.launch"}
 FEATURES = {"cpmjax.delta", "cpmjax.train", "cpmjax.generate", "cpmjax.evals"}
 
 

@@ -4,6 +4,7 @@
                  [--batch-size B] [--seq-len S] [--init-from HF_DIR] [--tokenizer DIR]
                  [--mesh DATA,FSDP,TENSOR[,SEQUENCE]] [--delta METHOD --delta-targets T1,T2]
                  [--set key.sub=value ...] [--no-resume] [--no-progress]
+                 [--coordinator HOST:PORT --num-processes N --process-id I]
     cpmjax train --config CONFIG.yaml --export [--step K] [--export-dir DIR]
 
 Flags override the config file; ``--set`` reaches any field (``--set optim.decay=linear``).
@@ -56,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only export a checkpoint of the run to the HF layout")
     p.add_argument("--step", type=int, default=None, help="with --export: the step")
     p.add_argument("--export-dir", default=None)
+    g = p.add_argument_group("multi-process (one process per host; see docs/multihost.md)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address, or 'auto' (JAX detects TPU pods / SLURM); "
+                        "default: $CPMJAX_COORDINATOR (set by cpmjax launch) or one process")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,13 +104,19 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cpmjax.distributed import initialize, is_primary
+
+    # before any JAX computation: join the other processes of a multi-process run
+    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None))
     from cpmjax.train.config import load_config
     from cpmjax.train.loop import export_checkpoint, train
 
     config = load_config(args.config, overrides_from_args(args))
     if args.export:
         path = export_checkpoint(config, args.step, args.export_dir)
-        print(f"[cpmjax train] exported to {path}", file=sys.stderr)
+        if is_primary():
+            print(f"[cpmjax train] exported to {path}", file=sys.stderr)
         return 0
     result = train(config)
     msg = f"[cpmjax train] step {result.step}, final loss {result.final_loss}"
@@ -113,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         msg += f"; exported to {result.export_dir}"
     if result.stopped_early:
         msg += " (stopped at run.max_minutes; rerun the same command to continue)"
-    print(msg, file=sys.stderr)
+    if is_primary():
+        print(msg, file=sys.stderr)
     return 0
 
 
