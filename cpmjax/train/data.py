@@ -234,11 +234,16 @@ class PackedBatches:
     The stream is cut into ``(len - 1) // seq_len`` non-overlapping windows of ``seq_len + 1``
     tokens; each epoch visits them in the order of a permutation seeded by ``(seed, epoch)``
     (``shuffle=False``: in order). The position is ``{"epoch", "batch"}`` (``state()`` /
-    ``restore()``); batch ``i`` of epoch ``e`` is the same on every machine and every run."""
+    ``restore()``); batch ``i`` of epoch ``e`` is the same on every machine and every run.
+
+    Several processes: ``rows=(start, stop)`` makes this process read only rows
+    ``[start, stop)`` of every global batch of ``batch_size`` rows (``process_rows`` finds
+    them for a sharding). The global order, and the position (``{"epoch", "batch"}`` counts
+    global batches), do not depend on how many processes share the batches."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
                  shuffle: bool = True, bos_id: int | None = None, pad_id: int | None = None,
-                 loss_after_id: int | None = None):
+                 loss_after_id: int | None = None, rows: tuple[int, int] | None = None):
         self.tokens = tokens
         self.batch_size = int(batch_size)
         self.seq_len = int(seq_len)
@@ -253,6 +258,10 @@ class PackedBatches:
                 f"the token stream ({tokens.size} tokens) is too short for one batch of "
                 f"{batch_size} x {seq_len + 1} tokens"
             )
+        start, stop = (0, self.batch_size) if rows is None else (int(rows[0]), int(rows[1]))
+        if not 0 <= start < stop <= self.batch_size:
+            raise ConfigError(f"rows={rows} is not a row range of a batch of {batch_size} rows")
+        self.rows = (start, stop)
         self.epoch = 0
         self.batch = 0
         self._order_epoch = -1
@@ -291,18 +300,44 @@ class PackedBatches:
             self.epoch += 1
             self.batch = 0
         order = self._permutation()
-        ids = order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
+        first = self.batch * self.batch_size
+        ids = order[first + self.rows[0]:first + self.rows[1]]
         self.batch += 1
         return pack_rows(self.windows(ids), self.bos_id, self.pad_id, self.loss_after_id)
 
     def fixed_batches(self, count: int) -> list[dict[str, np.ndarray]]:
-        """The first ``count`` batches in stream order (evaluation), without moving."""
+        """The first ``count`` batches in stream order (evaluation), without moving (this
+        process's ``rows`` of each)."""
         count = min(count, self.batches_per_epoch)
         out = []
         for i in range(count):
-            ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
+            ids = np.arange(i * self.batch_size + self.rows[0], i * self.batch_size + self.rows[1])
             out.append(pack_rows(self.windows(ids), self.bos_id, self.pad_id, self.loss_after_id))
         return out
+
+
+def process_rows(sharding: Any, global_shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(start, stop)``: the rows (first axis) of a global array of ``global_shape`` that this
+    process's devices hold under ``sharding`` (a ``jax.sharding.Sharding``); ``(0, rows)`` for
+    a single process. Raises ``ConfigError`` when they are not one contiguous range (a mesh
+    whose batch axis interleaves the processes)."""
+    index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
+    n = int(global_shape[0])
+    spans = set()
+    for index in index_map.values():
+        rows = index[0] if index else slice(None)
+        start, stop, _ = rows.indices(n)
+        spans.add((start, stop))
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    covered = np.zeros(n, bool)
+    for s, e in spans:
+        covered[s:e] = True
+    if not covered[start:stop].all():
+        raise ConfigError(
+            f"this process's devices hold rows {sorted(spans)} of the batch: not one contiguous "
+            "range; order the mesh so that each process's devices are adjacent on the batch axes"
+        )
+    return start, stop
 
 
 def token_windows(ids: np.ndarray, seq_len: int, batch: int, *, seed: int = 0

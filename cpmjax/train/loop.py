@@ -23,10 +23,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cpmjax.distributed import is_primary, process_count, sync
 from cpmjax.errors import NonFiniteLossError
 from cpmjax.models import CausalLM
 from cpmjax.train.checkpoint import Checkpointer
 from cpmjax.train.config import TrainConfig, dump_config
+from cpmjax.train.data import process_rows
 from cpmjax.train.metrics import (
     METRICS_FILE,
     MetricsLog,
@@ -99,15 +101,34 @@ class TrainResult:
 def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     """Run (or resume) the training described by ``config``; returns the losses of the steps
     this call ran. A NaN/inf loss raises ``NonFiniteLossError`` before anything is saved, so
-    the last good checkpoint stays the latest."""
+    the last good checkpoint stays the latest.
+
+    As one of several processes (``cpmjax.distributed.initialize`` first): every process runs
+    this with the same config; each reads only its rows of every global batch, the checkpoints
+    are written by all together, and process 0 alone writes logs, metrics and the export."""
     from sharding.mesh import batch_sharding, shard_model
 
     run = config.run
+    primary = is_primary()
     mesh, seq_parallel = make_training_mesh(config)  # validate before any data work
     os.makedirs(run.out_dir, exist_ok=True)
-    dump_config(config, os.path.join(run.out_dir, "config.yaml"))
-    tokenizer, train_tokens, eval_tokens = prepare_data(config)
-    batches, eval_batches = make_batches(config, tokenizer, train_tokens, eval_tokens)
+    if primary:
+        dump_config(config, os.path.join(run.out_dir, "config.yaml"))
+    # process 0 trains the tokenizer and tokenizes first; the others then find the cache (on a
+    # shared filesystem) or build the same files themselves
+    if primary:
+        tokenizer, train_tokens, eval_tokens = prepare_data(config)
+    sync("cpmjax.train.prepare_data")
+    if not primary:
+        tokenizer, train_tokens, eval_tokens = prepare_data(config)
+    data_sharding = None
+    if mesh is not None:
+        data_sharding = batch_sharding(mesh, sequence=seq_parallel is not None)
+    global_rows = config.data.batch_size
+    rows = None
+    if process_count() > 1:
+        rows = process_rows(data_sharding, (global_rows, config.data.seq_len))
+    batches, eval_batches = make_batches(config, tokenizer, train_tokens, eval_tokens, rows)
 
     model = build_model(config, len(tokenizer))
     wrt = trainable_filter(config, model)
@@ -120,13 +141,14 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     eval_step = make_eval_step(graphdef, run.loss_chunk)
     if seq_parallel is not None:
         train_step, eval_step = seq_parallel.wrap(train_step), seq_parallel.wrap(eval_step)
-        to_device_fn = seq_parallel.shard_batch
-        print(f"[cpmjax train] sequence parallel over {seq_parallel.num_shards} devices "
-              f"(attention {seq_parallel.impl}, layout {seq_parallel.layout}), mesh "
-              f"{dict(mesh.shape)}", file=sys.stderr)
+        to_device_fn = functools.partial(seq_parallel.shard_batch, global_rows=global_rows)
+        if primary:
+            print(f"[cpmjax train] sequence parallel over {seq_parallel.num_shards} devices "
+                  f"(attention {seq_parallel.impl}, layout {seq_parallel.layout}), mesh "
+                  f"{dict(mesh.shape)}", file=sys.stderr)
     else:
-        data_sharding = batch_sharding(mesh) if mesh is not None else None
-        to_device_fn = functools.partial(to_device, sharding=data_sharding)
+        to_device_fn = functools.partial(to_device, sharding=data_sharding,
+                                         global_rows=global_rows)
 
     ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), keep=run.keep_checkpoints,
                         async_save=run.async_checkpointing)
@@ -138,8 +160,9 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
         tokens_seen = int(meta.get("tokens_seen", 0))
         batches.restore(meta["data"])
         rng_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
-        print(f"[cpmjax train] resumed from step {start_step} ({ckpt.directory})",
-              file=sys.stderr)
+        if primary:
+            print(f"[cpmjax train] resumed from step {start_step} ({ckpt.directory})",
+                  file=sys.stderr)
     out_shardings = None
     if mesh is not None:
         state, state_shardings = pin_to_mesh(state, mesh)
@@ -151,8 +174,8 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_tok = flops_per_token(mc, config.data.seq_len)
     throughput = Throughput(flops_tok)
-    log = MetricsLog(run.out_dir, tensorboard=run.tensorboard)
-    bar = progress_bar(run.steps, start_step) if run.progress else None
+    log = MetricsLog(run.out_dir, tensorboard=run.tensorboard) if primary else None
+    bar = progress_bar(run.steps, start_step) if run.progress and primary else None
 
     def meta_for(step: int) -> dict[str, Any]:
         return {"data": batches.state(), "rng": np.asarray(jax.random.key_data(rng_key)).tolist(),
@@ -207,7 +230,8 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
             if run.eval_every and step % run.eval_every == 0:
                 eval_loss = evaluate(state)
                 record["eval_loss"] = eval_loss
-            log.write(record)
+            if log is not None:
+                log.write(record)
             if bar is not None:
                 bar.update(1)
             out_of_time = (run.max_minutes is not None
@@ -227,17 +251,19 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
         if bar is not None:
             bar.close()
         ckpt.close()
-        log.close()
+        if log is not None:
+            log.close()
 
     if not stopped_early:
         eval_loss = evaluate(state)
-        if eval_loss is not None:
+        if eval_loss is not None and primary:
             append_record(os.path.join(run.out_dir, METRICS_FILE),
                           {"step": step, "final_eval_loss": eval_loss})
     nnx.update((model, optimizer), state)
     export_dir = None
     if export and not stopped_early:
         export_dir = export_model(config, model, tokenizer)
+        sync("cpmjax.train.export")
     return TrainResult(step=step, losses=losses, final_loss=losses[-1] if losses else None,
                        eval_loss=eval_loss, tokens_seen=tokens_seen, export_dir=export_dir,
                        stopped_early=stopped_early)
@@ -246,11 +272,17 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
 def export_model(config: TrainConfig, model: CausalLM, tokenizer: Any,
                  out_dir: str | None = None) -> str:
     """Write the model in the HF layout (``cpmjax.save_pretrained``, ``run.export_dtype``) with
-    its tokenizer; with a delta attached, the delta is saved instead (``<out>/delta``)."""
+    its tokenizer; with a delta attached, the delta is saved instead (``<out>/delta``).
+    Several processes: every process calls it (the parameters are gathered across them),
+    process 0 alone writes."""
     from cpmjax.hf import save_pretrained
     from cpmjax.train.tokenizer import save_tokenizer
 
     out_dir = out_dir or config.export_dir
+    if process_count() > 1:
+        gather_to_hosts(model)
+        if not is_primary():
+            return os.path.join(out_dir, "delta") if config.delta.method else out_dir
     if config.delta.method:
         import cpmjax.delta as delta_lib
 
@@ -259,6 +291,18 @@ def export_model(config: TrainConfig, model: CausalLM, tokenizer: Any,
     save_pretrained(model, out_dir, dtype=config.run.export_dtype)
     save_tokenizer(tokenizer, out_dir)
     return out_dir
+
+
+def gather_to_hosts(model: CausalLM) -> None:
+    """Replace every array of ``model`` that spans several processes by its full value (a
+    numpy array in every process): a collective, every process must call it."""
+    from jax.experimental import multihost_utils
+
+    state = nnx.state(model)
+    gathered = jax.tree.map(
+        lambda x: (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                   if isinstance(x, jax.Array) and not x.is_fully_addressable else x), state)
+    nnx.update(model, gathered)
 
 
 def export_checkpoint(config: TrainConfig, step: int | None = None,

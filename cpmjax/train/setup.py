@@ -128,6 +128,15 @@ def make_training_mesh(config: TrainConfig) -> tuple[Any, SequenceParallel | Non
 
     check_sequence_parallel(config)
     m = config.run.mesh
+    processes = jax.process_count()
+    if processes > 1 and m.num_devices != jax.device_count():
+        raise ConfigError(
+            f"run.mesh {m.data},{m.fsdp},{m.tensor},{m.sequence} covers {m.num_devices} devices, "
+            f"but the {processes} processes of this run have {jax.device_count()}: a "
+            "multi-process mesh must use every device (e.g. --mesh "
+            f"{jax.device_count() // m.fsdp // m.tensor // m.sequence or 1},{m.fsdp},"
+            f"{m.tensor},{m.sequence})"
+        )
     if m.num_devices == 1:
         return None, None
     mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, sequence=m.sequence)
@@ -191,23 +200,25 @@ def marker_token_id(tokenizer: Any, marker: str | None) -> int | None:
 
 
 def make_batches(config: TrainConfig, tokenizer: Any, train_tokens: np.ndarray,
-                 eval_tokens: np.ndarray | None) -> tuple[PackedBatches, list[dict[str, Any]]]:
+                 eval_tokens: np.ndarray | None, rows: tuple[int, int] | None = None
+                 ) -> tuple[PackedBatches, list[dict[str, Any]]]:
     """``(train batches, fixed eval batches)``: the resumable packed training stream and the
     first ``run.eval_batches`` packed batches of the held-out tokens (none when there are no
-    eval tokens or too few for one batch)."""
+    eval tokens or too few for one batch). ``rows``: this process's rows of every global batch
+    (``cpmjax.train.data.process_rows``; default all)."""
     run = config.run
     loss_after_id = marker_token_id(tokenizer, config.data.loss_after)
     batches = PackedBatches(train_tokens, config.data.batch_size, config.data.seq_len,
                             seed=run.seed, shuffle=config.data.shuffle,
                             bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id,
-                            loss_after_id=loss_after_id)
+                            loss_after_id=loss_after_id, rows=rows)
     eval_batches = []
     if eval_tokens is not None and run.eval_batches > 0:
         try:
             eval_batches = PackedBatches(
                 eval_tokens, config.data.batch_size, config.data.seq_len, shuffle=False,
                 bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id,
-                loss_after_id=loss_after_id,
+                loss_after_id=loss_after_id, rows=rows,
             ).fixed_batches(run.eval_batches)
         except ConfigError:
             eval_batches = []

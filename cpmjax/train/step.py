@@ -71,12 +71,26 @@ def make_eval_step(graphdef: Any, chunk: int = 128):
 # placement
 
 
-def to_device(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Array]:
+def place_rows(x: np.ndarray, sharding: Any, global_rows: int | None = None) -> jax.Array:
+    """``x`` (this process's rows of a global array of ``global_rows`` rows) as a global array
+    placed with ``sharding``: ``jax.device_put`` on one process, and
+    ``jax.make_array_from_process_local_data`` on several (each process passes only the rows
+    its devices hold; ``global_rows`` defaults to ``x``'s own row count)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    rows = x.shape[0] if global_rows is None else int(global_rows)
+    return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
+
+
+def to_device(batch: dict[str, np.ndarray], sharding: Any, global_rows: int | None = None
+              ) -> dict[str, jax.Array]:
     """Every array of ``batch`` on the device(s): placed with ``sharding``, or on the default
-    device when it is ``None``."""
+    device when it is ``None``. With several processes ``batch`` holds this process's rows of
+    a global batch of ``global_rows`` rows (see ``place_rows``)."""
     if sharding is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: place_rows(v, sharding, global_rows) for k, v in batch.items()}
 
 
 def pin_to_mesh(state: Any, mesh: Any) -> tuple[Any, Any]:
@@ -123,9 +137,11 @@ class SequenceParallel:
     def num_shards(self) -> int:
         return int(self.mesh.shape["sequence"])
 
-    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    def shard_batch(self, batch: Mapping[str, Any], global_rows: int | None = None
+                    ) -> dict[str, jax.Array]:
         """``{name: [batch, seq]}`` in natural order -> the same arrays in layout order, placed
-        with ``batch_sharding(mesh, sequence=True)``."""
+        with ``batch_sharding(mesh, sequence=True)`` (several processes: ``batch`` holds this
+        process's rows of ``global_rows``, see ``place_rows``)."""
         from sharding.layout import check_layout, to_layout
         from sharding.mesh import batch_sharding
 
@@ -137,7 +153,8 @@ class SequenceParallel:
                     f"batch[{name!r}] must be [batch, seq] for sequence parallelism, got shape "
                     f"{tuple(np.shape(x))}")
             check_layout(self.layout, x.shape[1], self.num_shards)
-            out[name] = jax.device_put(to_layout(x, self.num_shards, self.layout), sharding)
+            out[name] = place_rows(to_layout(x, self.num_shards, self.layout), sharding,
+                                   global_rows)
         return out
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
