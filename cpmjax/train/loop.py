@@ -152,6 +152,12 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
 
     ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), keep=run.keep_checkpoints,
                         async_save=run.async_checkpointing)
+    out_shardings = None
+    if mesh is not None:
+        # before a restore: the restored state takes the template's shardings, so every leaf
+        # (optimizer counters too) lands on the mesh, never on one process's device
+        state, state_shardings = pin_to_mesh(state, mesh)
+        out_shardings = (state_shardings, None)
     rng_key = jax.random.key(run.seed)
     start_step, tokens_seen = 0, 0
     if run.resume and ckpt.latest_step() is not None:
@@ -163,10 +169,6 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
         if primary:
             print(f"[cpmjax train] resumed from step {start_step} ({ckpt.directory})",
                   file=sys.stderr)
-    out_shardings = None
-    if mesh is not None:
-        state, state_shardings = pin_to_mesh(state, mesh)
-        out_shardings = (state_shardings, None)
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
     eval_fn = jax.jit(eval_step)
 
