@@ -225,6 +225,9 @@ def _launch(processes: int, devices: int, config: str, log: str, *extra: str
             ) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    # the runs of this module compile the same few programs: share them across processes
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.path.dirname(config), "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "cpmjax.cli", "launch", "-n", str(processes), "-k",
@@ -445,3 +448,19 @@ def test_kill_9_of_one_process_stops_the_run_and_a_restart_resumes(runs):
     assert sorted(after) == list(range(start + 1, STEPS + 1))
     for step, loss in after.items():
         assert loss == _losses(two)[step], (step, loss)
+
+
+@pytest.mark.slow
+def test_sequence_mesh_two_processes_train_like_one(runs):
+    root, _, _, _, _ = runs
+    mesh = {"data": 2, "sequence": 4}  # each sequence cut over one process's 4 devices
+    steps = 6
+    one, two = os.path.join(root, "seq_one"), os.path.join(root, "seq_two")
+    log = _train(1, 8, _config(root, one, mesh, steps=steps, checkpoint_every=steps), one + ".log")
+    assert "sequence parallel over 4 devices" in log
+    _train(2, 4, _config(root, two, mesh, steps=steps, checkpoint_every=steps), two + ".log")
+    _assert_close(_losses(two), _losses(one), range(1, steps + 1))
+    got, _ = _restore(two, steps, None)
+    want, _ = _restore(one, steps, None)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
