@@ -13,6 +13,11 @@ Where the settings come from, first match wins:
 
 Nothing set means one process, the default: ``initialize()`` does nothing. With several
 processes on CPU the cross-process collectives go through gloo.
+
+A process that dies is noticed by JAX's coordination service after ``heartbeat_seconds``
+(``CPMJAX_HEARTBEAT_SECONDS``, JAX's default 100 s): the survivors then abort with an error
+naming the dead task instead of waiting in a collective forever. ``cpmjax launch`` stops them
+sooner (as soon as it sees a process exit).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ ENV_COORDINATOR = "CPMJAX_COORDINATOR"
 ENV_NUM_PROCESSES = "CPMJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "CPMJAX_PROCESS_ID"
 ENV_AUTO = "CPMJAX_DISTRIBUTED"
+ENV_HEARTBEAT = "CPMJAX_HEARTBEAT_SECONDS"
 
 _state: dict[str, DistributedSettings | None] = {"initialized": None}
 
@@ -96,12 +102,18 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> DistributedSettings | None:
+               process_id: int | None = None, *, heartbeat_seconds: int | None = None
+               ) -> DistributedSettings | None:
     """Join the run's processes (``jax.distributed.initialize``) when this is one of several;
     do nothing for a single process. Call it before any other JAX computation. Calling it
     again with the same settings is a no-op; returns the settings used (``None``: one
-    process)."""
+    process). ``heartbeat_seconds`` (default ``$CPMJAX_HEARTBEAT_SECONDS`` or JAX's): how
+    long a silent peer may take before the others abort."""
     settings = resolve(coordinator, num_processes, process_id)
+    if heartbeat_seconds is None:
+        heartbeat_seconds = _int(os.environ.get(ENV_HEARTBEAT), ENV_HEARTBEAT)
+    if heartbeat_seconds is not None and heartbeat_seconds < 1:
+        raise ConfigError(f"heartbeat_seconds must be >= 1, got {heartbeat_seconds}")
     if settings is None:
         return None
     done = _state["initialized"]
@@ -115,12 +127,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # CPU collectives across processes need an implementation; gloo ships with jaxlib (the
     # setting only concerns the CPU client, so it is harmless on GPU / TPU)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    extra = {} if heartbeat_seconds is None else {"heartbeat_timeout_seconds": heartbeat_seconds}
     if settings.auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**extra)
     else:
         jax.distributed.initialize(coordinator_address=settings.coordinator,
                                    num_processes=settings.num_processes,
-                                   process_id=settings.process_id)
+                                   process_id=settings.process_id, **extra)
     _state["initialized"] = settings
     return settings
 

@@ -135,6 +135,52 @@ def test_distributed_settings_from_flags_and_environment():
         resolve(environ={"CPMJAX_NUM_PROCESSES": "two"})
 
 
+def test_initialize_is_a_no_op_for_one_process(monkeypatch):
+    from cpmjax.distributed import initialize
+
+    for name in ("CPMJAX_COORDINATOR", "CPMJAX_NUM_PROCESSES", "CPMJAX_PROCESS_ID",
+                 "CPMJAX_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    assert initialize() is None
+    monkeypatch.setenv("CPMJAX_HEARTBEAT_SECONDS", "0")
+    with pytest.raises(ConfigError, match="heartbeat_seconds must be >= 1"):
+        initialize()
+
+
+_PEER = textwrap.dedent("""
+    import os, time
+    from cpmjax.distributed import initialize, sync
+    initialize()
+    sync("up")
+    print("up", flush=True)
+    if os.environ["CPMJAX_PROCESS_ID"] == "1":
+        os.kill(os.getpid(), 9)
+    sync("never")  # process 1 is dead: JAX's coordination service must end this one
+""")
+
+
+@pytest.mark.slow
+def test_without_the_launcher_a_dead_peer_ends_the_others_after_the_heartbeat():
+    from cpmjax.launch import free_port
+
+    env = child_env(0, 2, f"127.0.0.1:{free_port()}", 1)
+    env["CPMJAX_HEARTBEAT_SECONDS"] = "4"
+    procs = [subprocess.Popen([sys.executable, "-c", _PEER],
+                              env={**env, "CPMJAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    t = time.time()
+    try:
+        out = procs[0].communicate(timeout=60)[0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode != 0 and time.time() - t < 60
+    assert "up" in out and "heartbeat timeout" in out
+
+
 # ----------------------------------------------------------------------------------------------
 # each process's share of the batches
 
