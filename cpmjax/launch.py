@@ -9,8 +9,8 @@ interpreter). Every process gets ``CPMJAX_COORDINATOR`` (127.0.0.1 and a free po
 ``CPMJAX_NUM_PROCESSES`` and ``CPMJAX_PROCESS_ID`` (``cpmjax.distributed.initialize`` reads
 them) and, with ``--devices-per-process K``, ``JAX_PLATFORMS=cpu`` and ``XLA_FLAGS=
 --xla_force_host_platform_device_count=K`` (K simulated CPU devices). Each line a process
-prints comes out prefixed ``[i] ``. When a process fails (non-zero exit, a signal), the
-others are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits with
+prints comes out prefixed ``[i] ``. When a process fails (non-zero exit, a signal), or the
+launcher itself gets SIGTERM or Ctrl-C, the (other) processes are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits with
 the failed process's code (128 + signal for a signal), so a run never hangs in a collective
 waiting for a dead peer.
 """
@@ -114,8 +114,16 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
         _stop(procs, grace_seconds)
         raise ConfigError(f"cannot start {argv[0]!r}: {exc}") from exc
     failed: tuple[int, int] | None = None
+    # a launcher stopped by SIGTERM (a scheduler, a timeout) takes its processes with it
+    stop_signal: list[int] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
     try:
         while True:
+            if stop_signal:
+                failed = (-1, -stop_signal[0])
+                break
             codes = [p.poll() for p in procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if bad:
@@ -126,6 +134,9 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
             time.sleep(0.05)
     except KeyboardInterrupt:
         failed = (-1, -int(signal.SIGINT))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if failed is not None:
         _stop(procs, grace_seconds)
     for t in pumps:
@@ -133,7 +144,8 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
     if failed is None:
         return 0
     index, code = failed
-    who = "interrupted" if index < 0 else f"process {index} exited with {_describe(code)}"
+    who = (f"launcher got {_describe(code)}" if index < 0
+           else f"process {index} exited with {_describe(code)}")
     with lock:
         out.write(f"[launch] {who}; stopped the other processes\n")
         out.flush()

@@ -84,6 +84,28 @@ def test_launch_reports_a_killed_process_and_ignores_sigterm_handlers():
     assert "process 0 exited with signal SIGKILL" in out.getvalue()
 
 
+def test_a_terminated_launcher_takes_its_processes_with_it():
+    child = "import time; print('ready', flush=True); time.sleep(120)"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "cpmjax.cli", "launch", "-n", "2", "--grace-seconds", "1", "--",
+         sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        ready = [launcher.stdout.readline() for _ in range(2)]
+        assert sorted(ready) == ["[0] ready\n", "[1] ready\n"]
+        children = _children(launcher.pid)
+        assert len(children) == 2
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=20) == 128 + signal.SIGTERM
+        assert "launcher got signal SIGTERM" in launcher.stdout.read()
+        deadline = time.time() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in children):
+            assert time.time() < deadline, "a child outlived the launcher"
+            time.sleep(0.05)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
 def test_launch_command_forms_and_bad_settings():
     assert child_command(["train", "--config", "x"])[1:] == ["-m", "cpmjax.cli", "train",
                                                              "--config", "x"]
