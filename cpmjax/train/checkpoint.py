@@ -12,6 +12,13 @@ Saves are asynchronous (``wait()`` blocks until the last one is on disk); orbax 
 a temporary directory and renames it only when complete, so a save interrupted midway (even by
 ``kill -9``) is never taken for a checkpoint and never replaces the last good one. Only the last
 ``keep`` checkpoints are kept.
+
+Several processes (``cpmjax.distributed``): every process creates the ``Checkpointer`` on the
+same (shared) directory and calls ``save`` / ``restore`` together. Each process writes only
+the shards its devices hold (``state/ocdbt.process_<i>``); process 0 writes ``meta`` and
+renames the step into place after a barrier, once every process has finished, so a step that
+one process did not finish is never complete. ``restore`` reads each array onto the template's
+shardings, whatever the number of processes that wrote it (elastic restore: 2 -> 1, 1 -> 2).
 """
 
 from __future__ import annotations
