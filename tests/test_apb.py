@@ -289,6 +289,8 @@ def test_retaining_heads_get_the_layer_index_through_the_seam():
     """RetainingHeads scores layer i with head i: the model passes its layer index through
     ops.attention(layer=). Same numbers as the old scorer that counted its calls in layer
     order; a different head per layer matters."""
+    from flax import nnx
+
     from cpmjax.generate.prefill import apb_prefill
     from sharding.apb import RetainingHeads
     from sharding.mesh import make_mesh
@@ -307,11 +309,16 @@ def test_retaining_heads_get_the_layer_index_through_the_seam():
             self.calls += 1
             return head(q, k, v)
 
+    graphdef, state = nnx.split(model)
+
     def prefill_logits(scorer):  # hidden states of every position (layer 1 reads head 1)
-        hidden, _, _ = apb_prefill(model, tokens, model.init_cache(B, 48), mesh=mesh,
-                                   anchor_len=4, passing_len=3, query_len=2, scorer=scorer,
-                                   impl="reference", return_hidden=True)
-        return np.asarray(hidden)
+        def run(state, tokens):  # one compiled program (eager shard_maps are much slower)
+            hidden, _, _ = apb_prefill(nnx.merge(graphdef, state), tokens,
+                                       model.init_cache(B, 48), mesh=mesh, anchor_len=4,
+                                       passing_len=3, query_len=2, scorer=scorer,
+                                       impl="reference", return_hidden=True)
+            return hidden
+        return np.asarray(jax.jit(run)(state, tokens))
 
     heads = RetainingHeads([h0, h1])
     got = prefill_logits(heads)
@@ -328,7 +335,7 @@ def test_deprecated_keywords_still_work():
     q, k, v = _qkv(40, seed=3)
     mesh = _mesh()
     kw = dict(mesh=mesh, query_len=2, anchor_len=4, passing_len=2)
-    new = apb_attention(q, k, v, impl="reference", **kw)
-    with pytest.warns(DeprecationWarning, match="attention_impl"):
-        old = apb_attention(q, k, v, attention_impl="reference", **kw)
+    new = jax.jit(lambda *a: apb_attention(*a, impl="reference", **kw))(q, k, v)
+    with pytest.warns(DeprecationWarning, match="attention_impl"):  # warned while tracing
+        old = jax.jit(lambda *a: apb_attention(*a, attention_impl="reference", **kw))(q, k, v)
     np.testing.assert_array_equal(old, new)
