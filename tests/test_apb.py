@@ -24,7 +24,7 @@ from sharding.apb import (
     masked_attention_lse,
     star_attention,
 )
-from sharding.apb.kernel import _remote_branches
+from sharding.apb.kernel import remote_branches
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
@@ -60,6 +60,7 @@ def _close(a, b, tol=2e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol)
 
 
+@pytest.mark.slow
 def test_no_anchor_passing_everything_is_exact_causal_attention():
     # 61 tokens: 57 context tokens over 8 hosts -> block 8 with 7 padded rows; 4 query tokens
     q, k, v = _qkv(61)
@@ -180,13 +181,13 @@ def test_method_layouts_and_per_host_branches():
     with pytest.raises(ConfigError, match="method='ring'"):
         make_method_layout("ring", 64, hosts=8)
     # APB: host h sees the anchor (h > 0) and h passing blocks: one branch per host
-    index, branches = _remote_branches(apb)
+    index, branches = remote_branches(apb)
     assert [branches[i] for i in index] == [(False, 0)] + [(True, h) for h in range(1, 8)]
     # Star: host 0 sees nothing outside its block, every other host the anchor
-    index, branches = _remote_branches(star)
+    index, branches = remote_branches(star)
     assert branches == [(False, 0), (True, 0)] and index.tolist() == [0] + [1] * 7
     # no anchor, passing: host 0 has nothing, host h its h predecessors' blocks
-    index, branches = _remote_branches(make_apb_layout(64, hosts=8, anchor_len=0, passing_len=8))
+    index, branches = remote_branches(make_apb_layout(64, hosts=8, anchor_len=0, passing_len=8))
     assert [branches[i] for i in index] == [(False, h) for h in range(8)]
 
 

@@ -8,6 +8,7 @@ import pytest
 from sharding.apb import critical
 
 
+@pytest.mark.slow
 def test_one_host_functions_equal_the_distributed_library_exactly():
     """Each host alone (APB, Star via apb_host_attention; ring contiguous/zigzag via
     burst_forward_shard with a OneHostRing) equals its slice of apb_layer_attention /

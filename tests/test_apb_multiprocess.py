@@ -7,10 +7,13 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from helpers import run_two_processes
 from jax.sharding import AxisType, Mesh
 
 from sharding.apb import apb_attention
+
+pytestmark = pytest.mark.slow  # two real processes
 
 SEQ, QUERY = 72, 6
 KW = dict(anchor_len=8, passing_len=3, query_len=QUERY, query_offset=1, scorer="query")

@@ -8,10 +8,13 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import run_two_processes
 from jax.sharding import AxisType, Mesh
 
 from sharding.burst import burst_attention
+
+pytestmark = pytest.mark.slow  # two real processes
 
 _CHILD = textwrap.dedent("""
     import sys

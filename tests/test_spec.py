@@ -357,6 +357,7 @@ def test_speculative_config_errors(setup):
 
 # ----------------------------------------------------------------------------------------------
 # CLI
+@pytest.mark.slow
 def test_cli_freq_vocab_train_draft_and_generate(tmp_path, capsys):
     from helpers import write_random_minicpm
 

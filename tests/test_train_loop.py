@@ -116,6 +116,7 @@ def test_loss_falls_and_export_loads(base):
     np.testing.assert_allclose([m[i] for i in range(1, 41)], losses)
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices():
     from sharding.mesh import batch_sharding, make_mesh, shard_model
 
@@ -356,6 +357,7 @@ def test_prepare_data_reuses_cache(base):
     assert os.path.isfile(os.path.join(config.run.out_dir, "data", "train.bin"))
 
 
+@pytest.mark.slow
 def test_sequence_parallel_train_equals_one_device(base, tmp_path, capsys):
     """``cpmjax train --mesh 2,1,1,4`` (data 2 x sequence 4, zigzag layout, burst ring) gives
     the per-step losses and eval loss of the one-device run, and resumes like it."""

@@ -135,7 +135,7 @@ def key_mask_segments(batch: int, q_len: int, kv_keep: jax.Array
     return q_seg, kv_seg
 
 
-def _remote_branches(layout: APBLayout) -> tuple[np.ndarray, list[tuple[bool, int]]]:
+def remote_branches(layout: APBLayout) -> tuple[np.ndarray, list[tuple[bool, int]]]:
     """What each host attends to outside its own block, grouped into distinct static shapes.
 
     Host ``h`` sees the anchor (``h > 0``) and the passing blocks of hosts ``0..h-1``. Returns
@@ -196,7 +196,7 @@ def _apb_shard(q, k, v, *, layout: APBLayout, axis: str, scorer: Any, sm_scale: 
         slot = np.tile(np.arange(passing), hosts - 1)
         real = np.minimum(ctx, (src + 1) * blk) - np.maximum(a, src * blk)
         slot_real = jnp.asarray(slot < np.maximum(real, 0))
-    branch_of_host, branches = _remote_branches(layout)
+    branch_of_host, branches = remote_branches(layout)
     if hosts > 1 and any(with_anchor or blocks for with_anchor, blocks in branches):
         dv = v.shape[-1]
 
