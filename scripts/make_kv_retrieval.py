@@ -1,28 +1,7 @@
-"""Synthetic long-context key-value retrieval data for ``cpmjax train`` and the APB quality study.
+"""Write a synthetic key-value retrieval corpus for ``cpmjax train`` and the APB quality study.
 
-The generator lives in :mod:`cpmjax.evals.kv_retrieval`; this script writes a corpus with it.
-
-A document is a list of ``key value...`` pairs followed by questions ``? key`` whose answer is the
-value of that key::
-
-    <s> k17 v3 v41 k902 v0 v9 ... k230 v12 v5 ? k902 v0 v9 ? k17 v3 v41 ... </s>
-
-- keys are single tokens ``k0 .. k{num_keys-1}``, all distinct within a document;
-- a value is ``value_len`` tokens from ``v0 .. v{num_values-1}`` (chance of a right guess:
-  ``num_values ** -value_len``);
-- a training document has ``num_queries`` questions about pairs drawn uniformly at random, and
-  exactly ``seq_len`` tokens (``<s>`` and ``</s>`` included; ``.`` tokens fill the rest), so that
-  ``cpmjax train``'s packer cuts one document per row;
-- an evaluation prompt ends with one question (``? key``), so the query is the last two tokens,
-  which APB embeds in its anchor; the answer is the value that follows.
-
-The tokenizer is word level (``tokenizers.models.WordLevel`` on whitespace): the special tokens
-``<unk> <s> </s> <pad>`` (ids 0-3, the MiniCPM ids), then ``? .``, the keys, the values. It is
-saved as an HF tokenizer directory that ``cpmjax.load_tokenizer`` loads offline.
-
-- with ``--query-first F`` a fraction ``F`` of the training documents state their first question
-  before the context (``<s> ? k902 k17 v3 ...``), as long-context prompts often do: APB embeds the
-  query in its anchor, right after ``<s>``, so every host's context sees it there.
+The task, its documents and its word-level tokenizer are described (and generated) by
+:mod:`cpmjax.evals.kv_retrieval`; this script only parses the arguments and writes the corpus.
 
 Usage (what ``configs/kv-retrieval.yaml`` and ``configs/kv-retrieval-qfirst.yaml`` read)::
 

@@ -29,9 +29,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpmjax import ops
-from cpmjax.errors import ConfigError, ShardingError
+from cpmjax.errors import ConfigError
 from cpmjax.generate.driver import GenerationResult, GenerationStats, Request
 from sharding.apb import APBLayout, decode_attention, make_method_layout
+from sharding.mesh import axis_size
 
 __all__ = [
     "DISTRIBUTED",
@@ -49,16 +50,6 @@ __all__ = [
 
 PREFILLS = ("local", "apb", "star", "ring")
 DISTRIBUTED = ("apb", "star", "ring")
-
-
-def _axis_size(mesh: Mesh, axis: str) -> int:
-    """Size of ``axis`` of ``mesh``; ``ShardingError`` when it is not a mesh or has no such
-    axis."""
-    if not isinstance(mesh, Mesh):
-        raise ShardingError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if axis not in mesh.shape:
-        raise ShardingError(f"axis={axis!r} is not an axis of the mesh {dict(mesh.shape)}")
-    return int(mesh.shape[axis])
 
 
 def apb_prefill(
@@ -97,7 +88,7 @@ def apb_prefill(
                       DeprecationWarning, stacklevel=2)
         impl = attention_impl
     b, seq = tokens.shape
-    hosts = _axis_size(mesh, axis)
+    hosts = axis_size(mesh, axis)
     layout = make_method_layout(method, seq, hosts=hosts, anchor_len=anchor_len,
                                 passing_len=passing_len, query_len=query_len,
                                 query_offset=query_offset)
@@ -138,7 +129,7 @@ def sharded_cache_transform(mesh: Mesh, axis: str, cache_len: int
     generic masked attention. It takes the calls a model makes with ``attend_cache`` and no
     explicit mask (keys = the ``cache_len`` cache slots, slot ``j`` visible iff ``j <=
     q_position``); every other call goes to the wrapped implementation unchanged."""
-    hosts = _axis_size(mesh, axis)
+    hosts = axis_size(mesh, axis)
 
     def transform(impl: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         def wrapped(q, k, v, **kw):
