@@ -203,6 +203,28 @@ def test_without_the_launcher_a_dead_peer_ends_the_others_after_the_heartbeat():
     assert "up" in out and "heartbeat timeout" in out
 
 
+def test_train_flags_that_do_not_fit_are_config_errors(capsys):
+    from cpmjax.cli import main
+
+    assert main(["train", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "ConfigError: --coordinator HOST:PORT is required" in capsys.readouterr().err
+    assert main(["train", "--coordinator", "h:1", "--num-processes", "2",
+                 "--process-id", "5"]) == 2
+    assert "--process-id=5 is outside [0, 2)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_error_in_every_process_reaches_the_user(tmp_path):
+    # a mesh of 8 devices on 2 processes x 2 devices: every process raises ConfigError
+    config = _config(str(tmp_path), str(tmp_path / "run"), {"data": 2, "fsdp": 4})
+    log = str(tmp_path / "log")
+    proc = _launch(2, 2, config, log)
+    assert proc.wait(timeout=120) == 2
+    text = _read(log)
+    assert "ConfigError: run.mesh 2,4,1,1 covers 8 devices, but the 2 processes" in text
+    assert "process " in text and "exited with code 2" in text
+
+
 # ----------------------------------------------------------------------------------------------
 # each process's share of the batches
 
