@@ -2,6 +2,7 @@
 
     cpmjax launch --num-processes N [--devices-per-process K] [--port P] -- train --config x.yaml
     cpmjax launch -n 2 -k 4 -- python my_script.py ARGS
+    cpmjax launch -n 4 -g 2 -- train --config x.yaml      (8 GPUs: 2 per process)
 
 A command whose first word is a ``cpmjax`` subcommand runs as ``python -m cpmjax.cli ...``
 (``train``, ``generate``, ...); anything else runs as given (a ``*.py`` file with this
@@ -55,9 +56,11 @@ def child_command(command: Sequence[str]) -> list[str]:
 
 
 def child_env(process_id: int, num_processes: int, coordinator: str,
-              devices_per_process: int | None, base: dict[str, str] | None = None
-              ) -> dict[str, str]:
-    """The environment of process ``process_id``."""
+              devices_per_process: int | None, base: dict[str, str] | None = None,
+              gpus_per_process: int | None = None) -> dict[str, str]:
+    """The environment of process ``process_id``: the ``CPMJAX_*`` settings, K simulated CPU
+    devices with ``devices_per_process``, its own GPUs with ``gpus_per_process`` (process ``i``
+    sees GPUs ``i*G .. i*G+G-1`` through ``CUDA_VISIBLE_DEVICES``)."""
     env = dict(os.environ if base is None else base)
     env.update({"CPMJAX_COORDINATOR": coordinator, "CPMJAX_NUM_PROCESSES": str(num_processes),
                 "CPMJAX_PROCESS_ID": str(process_id), "PYTHONUNBUFFERED": "1"})
@@ -67,6 +70,10 @@ def child_env(process_id: int, num_processes: int, coordinator: str,
         flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
         env["XLA_FLAGS"] = " ".join(flags)
         env["JAX_PLATFORMS"] = "cpu"
+    if gpus_per_process is not None:
+        first = process_id * gpus_per_process
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(
+            str(g) for g in range(first, first + gpus_per_process))
     return env
 
 
@@ -83,8 +90,9 @@ def _exit_code(returncode: int) -> int:
 
 
 def launch(command: Sequence[str], num_processes: int, devices_per_process: int | None = None,
-           *, port: int | None = None, grace_seconds: float = 5.0,
-           out: IO[str] | None = None, env: dict[str, str] | None = None) -> int:
+           *, gpus_per_process: int | None = None, port: int | None = None,
+           grace_seconds: float = 5.0, out: IO[str] | None = None,
+           env: dict[str, str] | None = None) -> int:
     """Run ``command`` as ``num_processes`` processes; returns 0 when all exit 0, else the
     exit code of the first that failed (the rest are terminated within ``grace_seconds``
     plus a moment). Output lines are written to ``out`` (default stdout) prefixed ``[i] ``."""
@@ -92,6 +100,12 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
         raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
     if devices_per_process is not None and devices_per_process < 1:
         raise ConfigError(f"--devices-per-process must be >= 1, got {devices_per_process}")
+    if gpus_per_process is not None:
+        if gpus_per_process < 1:
+            raise ConfigError(f"--gpus-per-process must be >= 1, got {gpus_per_process}")
+        if devices_per_process is not None:
+            raise ConfigError("--devices-per-process (simulated CPU devices) and "
+                              "--gpus-per-process exclude each other")
     out = sys.stdout if out is None else out
     argv = child_command(command)
     coordinator = f"127.0.0.1:{port or free_port()}"
@@ -101,7 +115,8 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
     try:
         for i in range(num_processes):
             p = subprocess.Popen(
-                argv, env=child_env(i, num_processes, coordinator, devices_per_process, env),
+                argv, env=child_env(i, num_processes, coordinator, devices_per_process, env,
+                                    gpus_per_process),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 text=True, errors="replace", start_new_session=True,
             )
@@ -192,6 +207,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("-n", "--num-processes", type=int, required=True)
     p.add_argument("-k", "--devices-per-process", type=int, default=None,
                    help="simulated CPU devices per process (sets JAX_PLATFORMS=cpu)")
+    p.add_argument("-g", "--gpus-per-process", type=int, default=None,
+                   help="GPUs per process: process i sees GPUs i*G..i*G+G-1 "
+                        "(CUDA_VISIBLE_DEVICES)")
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     p.add_argument("--grace-seconds", type=float, default=5.0,
                    help="after a failure, how long the others get to exit before SIGKILL")
@@ -205,5 +223,6 @@ def run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    return launch(command, args.num_processes, args.devices_per_process, port=args.port,
+    return launch(command, args.num_processes, args.devices_per_process,
+                  gpus_per_process=args.gpus_per_process, port=args.port,
                   grace_seconds=args.grace_seconds)

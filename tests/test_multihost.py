@@ -118,6 +118,10 @@ def test_launch_command_forms_and_bad_settings():
     env = child_env(1, 2, "h:1", 4, base={"XLA_FLAGS": "--xla_foo --xla_force_host_platform_"
                                                        "device_count=8"})
     assert env["XLA_FLAGS"] == "--xla_foo --xla_force_host_platform_device_count=4"
+    env = child_env(2, 4, "h:1", None, base={}, gpus_per_process=2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5" and "JAX_PLATFORMS" not in env
+    with pytest.raises(ConfigError, match="exclude each other"):
+        launch(["echo"], 2, 2, gpus_per_process=1)
 
 
 def test_launch_through_the_cli():
