@@ -28,8 +28,14 @@ __all__ = [
     "ShardingError",
     "TensorError",
     "TokenIdError",
+    "ToolArgumentsError",
+    "ToolCallParseError",
+    "ToolDefinitionError",
+    "ToolError",
+    "ToolExecutionError",
     "TrainingError",
     "UnexpectedTensorError",
+    "UnknownToolError",
 ]
 
 
@@ -83,3 +89,43 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 class DeltaError(CpmjaxError, ValueError):
     """A delta cannot be attached, loaded, or merged."""
 
+
+
+class ToolError(CpmjaxError):
+    """A tool cannot be defined, parsed, validated or run (``cpmjax.tools``). ``kind`` is a short
+    machine-readable name of the failure that an agent shows the model as an observation."""
+
+    kind = "tool_error"
+
+    def __init__(self, message: str = "", *, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+class ToolDefinitionError(ToolError, ValueError):
+    """A function cannot be registered as a tool (no docstring, untyped argument, bad name)."""
+
+    kind = "definition"
+
+
+class ToolCallParseError(ToolError, ValueError):
+    """Model text is not a well-formed tool call in the expected format."""
+
+    kind = "unparseable"
+
+
+class UnknownToolError(ToolError, LookupError):
+    """A call names a tool the registry does not hold."""
+
+    kind = "unknown_tool"
+
+
+class ToolArgumentsError(ToolError, ValueError):
+    """A call's arguments fail the tool's JSON schema (checked before any call)."""
+
+    kind = "invalid_arguments"
+
+
+class ToolExecutionError(ToolError, RuntimeError):
+    """The tool ran and failed: it raised, timed out, ran out of memory, printed too much."""
