@@ -27,6 +27,7 @@ _PLUGINS = [
     ("cpmjax.train.cli", "register"),
     ("cpmjax.generate.cli", "register"),
     ("cpmjax.launch", "register"),
+    ("cpmjax.tools.cli", "register"),
 ]
 
 
