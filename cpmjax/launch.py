@@ -5,7 +5,8 @@
     cpmjax launch -n 4 -g 2 -- train --config x.yaml      (8 GPUs: 2 per process)
 
 A command whose first word is a ``cpmjax`` subcommand runs as ``python -m cpmjax.cli ...``
-(``train``, ``generate``, ...); anything else runs as given (a ``*.py`` file with this
+(``train``, ``generate``, ..., and any word that is neither a path nor a program on ``PATH``,
+so subcommands added later work too); anything else runs as given (a ``*.py`` file with this
 interpreter). Every process gets ``CPMJAX_COORDINATOR`` (127.0.0.1 and a free port),
 ``CPMJAX_NUM_PROCESSES`` and ``CPMJAX_PROCESS_ID`` (``cpmjax.distributed.initialize`` reads
 them) and, with ``--devices-per-process K``, ``JAX_PLATFORMS=cpu`` and ``XLA_FLAGS=
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,10 +50,11 @@ def child_command(command: Sequence[str]) -> list[str]:
     if not command:
         raise ConfigError("cpmjax launch needs a command after '--' (e.g. -- train --config "
                           "x.yaml)")
-    if command[0] in CPMJAX_COMMANDS:
-        return [sys.executable, "-m", "cpmjax.cli", *command]
-    if command[0].endswith(".py"):
+    first = command[0]
+    if first.endswith(".py"):
         return [sys.executable, *command]
+    if first in CPMJAX_COMMANDS or (os.sep not in first and shutil.which(first) is None):
+        return [sys.executable, "-m", "cpmjax.cli", *command]
     return command
 
 

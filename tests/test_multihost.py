@@ -111,6 +111,10 @@ def test_launch_command_forms_and_bad_settings():
                                                              "--config", "x"]
     assert child_command(["run.py", "a"]) == [sys.executable, "run.py", "a"]
     assert child_command(["echo", "a"]) == ["echo", "a"]
+    assert child_command(["./prog", "a"]) == ["./prog", "a"]
+    # a word that is no program: a cpmjax subcommand (cpmjax's parser names a wrong one)
+    assert child_command(["no-such-program-xyz"])[1:] == ["-m", "cpmjax.cli",
+                                                         "no-such-program-xyz"]
     with pytest.raises(ConfigError, match="needs a command"):
         child_command([])
     with pytest.raises(ConfigError, match="--num-processes"):
