@@ -66,6 +66,11 @@ def test_fork_is_forbidden_by_default():
     assert result.error == "forbidden" and "os.fork" in result.exception
     result = Sandbox(timeout_s=2).run_python("import subprocess\nsubprocess.run(['ls'])")
     assert result.error == "forbidden"
+    result = Sandbox(timeout_s=2).run_python("import ctypes\nctypes.CDLL(None).fork()")
+    assert result.error == "forbidden" and "ctypes" in result.exception
+    caught = Sandbox(timeout_s=2).run_python(
+        "import os\ntry:\n    os.fork()\nexcept PermissionError:\n    print('caught')")
+    assert caught.error == "forbidden" and caught.stdout == "caught\n"  # reported anyway
 
 
 def test_fork_bomb_is_contained_by_the_process_limit_and_killed_with_its_group():
