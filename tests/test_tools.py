@@ -384,3 +384,31 @@ def test_cli_chat_rejects_an_unknown_tool(capsys):
 
     assert main(["chat", "--prompt", "x", "--tools", "calculator,rm"]) == 2
     assert "rm" in capsys.readouterr().err
+
+
+def test_model_policy_ends_the_reply_at_a_stop_string_and_counts_tokens():
+    import cpmjax
+    from cpmjax.tools import ModelPolicy
+
+    path = cpmjax.default_model_path()
+    model, tokenizer = cpmjax.from_pretrained(path), cpmjax.load_tokenizer(path)
+    shown = []
+    cut = ModelPolicy(model, tokenizer, max_new_tokens=48, stop_strings=("e",),
+                      on_text=shown.append)("def read_file(path):\n    \"\"\"Read the")
+    assert "e" not in cut.text and cut.new_tokens < 48 and cut.prompt_tokens > 5
+    assert "".join(shown) == cut.text and cut.seconds > 0
+    kept = ModelPolicy(model, tokenizer, max_new_tokens=48, stop_strings=("e",),
+                       keep_stop=("e",))("def read_file(path):\n    \"\"\"Read the")
+    assert kept.text.endswith("e") and kept.text.count("e") == 1
+    with pytest.raises(PromptTooLongError, match="1024"):
+        ModelPolicy(model, tokenizer)("word " * 1100)
+
+
+def test_cli_chat_reads_questions_from_stdin(monkeypatch, capsys):
+    import io
+
+    from cpmjax.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\n\nexit\nnot asked\n"))
+    assert main(["chat", "--tools", "none", "--max-steps", "1", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().err.count("[answer]") == 1
