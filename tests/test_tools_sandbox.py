@@ -202,3 +202,5 @@ def test_bad_settings_are_refused():
         Sandbox(timeout_s=0)
     with pytest.raises(ConfigError, match="memory_mb"):
         Sandbox(memory_mb=4)
+    with pytest.raises(ConfigError, match="no-such-python"):
+        Sandbox(python="/no-such-python").run_python("print(1)")

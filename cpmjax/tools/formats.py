@@ -400,12 +400,9 @@ def parse_reply(text: str, format: str = "minicpm3") -> Reply:
 def parse_tool_calls(text: str, format: str = "minicpm3") -> list[ToolCall]:
     """The calls in ``text`` (``[]`` when it makes none); raises ``ToolCallParseError`` naming
     what is wrong when it tries to call and the call is malformed."""
-    reply = parse_reply(text, format)
-    if reply.error is not None and (reply.calls or _tries_to_call(text, format)):
+    fmt = get_format(format)
+    reply = fmt.parse(text)
+    tries = CALL_START in text if fmt.name == "minicpm3" else bool(_ACTION.search(text))
+    if reply.error is not None and tries:
         raise reply.error
     return reply.calls
-
-
-def _tries_to_call(text: str, format: str) -> bool:
-    return CALL_START in text if get_format(format).name == "minicpm3" else bool(
-        _ACTION.search(text))

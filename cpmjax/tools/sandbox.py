@@ -156,10 +156,14 @@ class Sandbox:
                 os.chown(workdir, *_nobody_ids())
             argv = [self.python, "-I", *([] if self.site_packages else ["-S"]), _CHILD,
                     job_path]
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=workdir, env={}, start_new_session=True,
-                pass_fds=(write_fd,), close_fds=True)
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, cwd=workdir, env={}, start_new_session=True,
+                    pass_fds=(write_fd,), close_fds=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot start the sandbox's interpreter {self.python!r}: {exc}") from None
             os.close(write_fd)
             write_fd = -1
             outcome = self._collect(proc, read_fd, start)
