@@ -58,6 +58,12 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--retaining-heads", default=None,
                    help="apb: retaining heads (.npz, scripts/train_retaining_head.py) as the "
                         "compressor instead of the query-aware scorer")
+    g = p.add_argument_group("multi-process (one process per host; see docs/multihost.md)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address, or 'auto' (JAX detects TPU pods / SLURM); "
+                        "default: $CPMJAX_COORDINATOR (set by cpmjax launch) or one process")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=_run_generate)
 
 
@@ -104,6 +110,11 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 
 def _run_generate(args) -> int:
+    from cpmjax.distributed import initialize, is_primary
+
+    # before any JAX computation: join the other processes of a multi-process run
+    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None))
     import cpmjax
     from cpmjax.tokenizer import apply_chat_template, encode
 
@@ -119,6 +130,10 @@ def _run_generate(args) -> int:
     tokenizer = cpmjax.load_tokenizer(path)
     ids = apply_chat_template(tokenizer, prompt) if args.chat else encode(tokenizer, prompt)
     mesh, prefill_options = _distributed_prefill(args)
+    # every process of a multi-process run makes the same calls (streaming included: the
+    # chunks are collective programs), but only process 0 writes the text and the stats
+    primary = is_primary()
+    out = sys.stdout if primary else None
     printed = ""
     # the prompt is echoed with the first generated text, so a rejected request prints nothing
     echo = "" if args.chat else prompt
@@ -128,8 +143,9 @@ def _run_generate(args) -> int:
         text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
-        sys.stdout.write(echo + text[len(printed):])
-        sys.stdout.flush()
+        if out is not None:
+            out.write(echo + text[len(printed):])
+            out.flush()
         printed, echo = text, ""
 
     speculative = None
@@ -144,6 +160,8 @@ def _run_generate(args) -> int:
         speculative=speculative, prefill=args.prefill, mesh=mesh,
         prefill_options=prefill_options,
     )
+    if not primary:
+        return 0
     final = tokenizer.decode(result.row(0), skip_special_tokens=True)
     sys.stdout.write(echo + final[len(printed):] + "\n")
     sys.stdout.flush()

@@ -27,6 +27,8 @@ from cpmjax.generate.driver import (
     compile_cache,
     compiled,
     drive,
+    on_mesh,
+    to_host,
 )
 from cpmjax.generate.prefill import (
     by_length,
@@ -129,27 +131,33 @@ def _distributed(model, request: Request, *, prefill, mesh, options, stream, str
     graphdef, state = nnx.split(model)
     cache = compile_cache(graphdef)
     stats = GenerationStats(prompt_tokens=int(request.lengths.sum()))
-    kv = jax.device_put(model.init_cache(batch, cache_len),
-                        NamedSharding(mesh, PartitionSpec(None, "sequence")))
+    # everything the compiled programs take lies on the mesh, which may span the devices of
+    # several processes (one per host): weights, prompts and decode state replicated (each
+    # process fills its own devices), the cache allocated sharded along the sequence
+    state = on_mesh(state, mesh)
+    kv = jax.jit(partial(model.init_cache, batch, cache_len),
+                 out_shardings=NamedSharding(mesh, PartitionSpec(None, "sequence")))()
     if prefill == "ring":
         padded = np.full((batch, ring_width(seq, hosts)), request.pad_id, np.int32)
         padded[:, :seq] = request.tokens
-        args = (state, jnp.asarray(padded), jnp.asarray(request.lengths), kv)
+        args = (state, *on_mesh((padded, request.lengths), mesh), kv)
         exe = compiled(cache, stats, ("ring", batch, seq, cache_len, id(mesh)),
                        partial(ring_prefill_fn, graphdef, mesh), *args)
     else:
         frozen = tuple(sorted(options.items()))
-        args = (state, jnp.asarray(request.tokens), kv)
+        args = (state, on_mesh(request.tokens, mesh), kv)
         exe = compiled(cache, stats, (prefill, batch, seq, cache_len, frozen, id(mesh)),
                        partial(method_prefill_fn, graphdef, prefill, frozen, mesh), *args)
-    positions = jnp.full((batch,), seq, jnp.int32)
+    positions = np.full((batch,), seq, np.int32)
     return _prefill_and_decode(cache, graphdef, state, exe, args, positions, request, stats,
-                               stream=stream, stream_every=stream_every)
+                               stream=stream, stream_every=stream_every, mesh=mesh)
 
 
 def _prefill_and_decode(cache, graphdef, state, prefill, args, positions, request: Request,
-                        stats: GenerationStats, *, stream, stream_every) -> GenerationResult:
-    """Run the compiled prefill, then the on-device decode loop from its logits and cache."""
+                        stats: GenerationStats, *, stream, stream_every, mesh=None
+                        ) -> GenerationResult:
+    """Run the compiled prefill, then the on-device decode loop from its logits and cache
+    (with ``mesh``: the decode state replicated on it, next to the sharded cache)."""
     t0 = time.perf_counter()
     logits, kv = prefill(*args)
     logits = jax.block_until_ready(logits)
@@ -165,6 +173,8 @@ def _prefill_and_decode(cache, graphdef, state, prefill, args, positions, reques
         cache=kv,
         step=jnp.asarray(0, jnp.int32),
     )
+    if mesh is not None:
+        carry = on_mesh(carry, mesh)
     leaf = jax.tree.leaves(kv)[0]
     key = ("decode", batch, leaf.shape[1], max_new, request.sampling, request.stop_ids,
            request.pad_id, str(getattr(leaf, "sharding", None)))
@@ -173,10 +183,11 @@ def _prefill_and_decode(cache, graphdef, state, prefill, args, positions, reques
                     state, carry, jnp.asarray(max_new, jnp.int32))
     carry, stats.decode_seconds = drive(
         loop, (state,), carry, limit=max_new, stream=stream, chunk=stream_every,
-        emitted=lambda c: int(c["step"]), finished=lambda c, step: int(c["step"]) < step)
-    out = np.asarray(carry["out"])
-    steps = int(carry["step"])
+        emitted=lambda c: int(to_host(c["step"])),
+        finished=lambda c, step: int(to_host(c["step"])) < step)
+    out = to_host(carry["out"])
+    steps = int(to_host(carry["step"]))
     stats.decode_steps = steps
-    new_lengths = np.asarray(carry["lengths"])
+    new_lengths = to_host(carry["lengths"])
     stats.new_tokens = int(new_lengths.sum())
     return GenerationResult(tokens=out[:, :steps], lengths=new_lengths, stats=stats)

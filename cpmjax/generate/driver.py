@@ -9,6 +9,11 @@ decode loop to the end (in chunks when streaming).
 - ``drive`` calls a compiled loop ``loop(*args, carry, limit)`` that runs until its carry's
   counter reaches ``limit`` or every row is done; with ``stream`` it raises the limit by
   ``chunk`` per call (the same executable) and reports the tokens so far after each call.
+- Several processes (one per host, ``cpmjax.distributed``): a distributed prefill's mesh then
+  spans devices of other processes. ``on_mesh`` places what every process holds alike (the
+  weights, prompts, the decode state) onto such a mesh, and ``to_host`` reads a result back
+  (gathered from every process when no process holds all of it). Every process runs the same
+  calls in the same order.
 """
 
 from __future__ import annotations
@@ -21,8 +26,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cpmjax.errors import EmptyPromptError, InputError, PromptTooLongError, TokenIdError
+from cpmjax.errors import (
+    ConfigError,
+    EmptyPromptError,
+    InputError,
+    PromptTooLongError,
+    TokenIdError,
+)
 from cpmjax.generate.sampling import SamplingConfig
 
 __all__ = [
@@ -34,7 +46,9 @@ __all__ = [
     "compile_cache",
     "compiled",
     "drive",
+    "on_mesh",
     "prepare_prompts",
+    "to_host",
     "validate_request",
 ]
 
@@ -209,6 +223,48 @@ def compiled(cache: CompileCache, stats: GenerationStats, key: Any, fn: Callable
     return executable
 
 
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Every array leaf of ``tree`` on the devices of ``mesh``: a leaf already laid out over
+    exactly those devices is kept (e.g. weights sharded by ``from_pretrained(mesh=)``); any
+    other (numpy, or a jax array on this process's devices) is replicated over the mesh.
+    On a mesh spanning several processes every process must pass the same values (the same
+    weights, the same prompts): each fills its own devices from its own copy, without
+    checking the others'."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    devices = sharding.device_set
+
+    def place(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            if x.sharding.device_set == devices:
+                return x
+            if not x.is_fully_addressable:
+                raise ConfigError(
+                    f"an array of shape {x.shape} lies on devices "
+                    f"{sorted(d.id for d in x.sharding.device_set)} of other processes, not "
+                    f"on the mesh's {sorted(d.id for d in devices)}; load the model onto the "
+                    "mesh it runs on, or onto this process's devices")
+        elif isinstance(x, (np.ndarray, np.generic, int, float, bool)):
+            x = np.asarray(x)
+        else:
+            return x
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """``x`` as a numpy array in every process: an array that no single process holds all of
+    (sharded over devices of several processes) is gathered from them first (a collective:
+    every process must call it)."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 def drive(
     loop: Callable[..., dict],
     args: Sequence[Any],
@@ -233,7 +289,7 @@ def drive(
         while step < limit:
             step = min(step + chunk, limit)
             carry = loop(*args, carry, jnp.asarray(step, jnp.int32))
-            stream(np.asarray(carry["out"][:, : emitted(carry)]))
+            stream(to_host(carry["out"])[:, : emitted(carry)])
             if finished(carry, step):
                 break
     jax.block_until_ready(carry["out"])
