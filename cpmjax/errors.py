@@ -15,6 +15,7 @@ from sharding.errors import LibraryError as CpmjaxError
 
 __all__ = [
     "CheckpointError",
+    "CompressionError",
     "ConfigError",
     "CpmjaxError",
     "DeltaError",
@@ -24,6 +25,7 @@ __all__ = [
     "MissingTensorError",
     "NonFiniteLossError",
     "PromptTooLongError",
+    "QuantizedCheckpointError",
     "ShapeMismatchError",
     "ShardingError",
     "TensorError",
@@ -88,6 +90,16 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 
 class DeltaError(CpmjaxError, ValueError):
     """A delta cannot be attached, loaded, or merged."""
+
+
+class CompressionError(CpmjaxError, ValueError):
+    """Bad arguments to ``cpmjax.compress`` (bits, sparsity, pattern, experts) or a model it
+    cannot compress; raised before any compute, naming the culprit."""
+
+
+class QuantizedCheckpointError(CompressionError, CheckpointError):
+    """A quantized checkpoint does not match the quantization config or model it is loaded
+    with."""
 
 
 
