@@ -189,6 +189,8 @@ def default_targets(model: nnx.Module, method: str) -> list[Target]:
             return ["self_attn.q_proj", "self_attn.v_proj"]
         if method == "bitfit":
             return [nnx.Linear, RMSNorm]
+        if method == "recovery":  # CPET: beside every linear of the decoder (head excluded)
+            return [nnx.Linear]
         if method in ("adapter", "parallel_adapter", "low_rank_adapter", "compacter"):
             return ["self_attn", "mlp"]
         if method == "prefix":
@@ -196,7 +198,7 @@ def default_targets(model: nnx.Module, method: str) -> list[Target]:
         if method == "soft_prompt":
             return ["model.embed_tokens"]
     else:
-        if method == "lora":
+        if method in ("lora", "recovery"):
             return [nnx.Linear]
         if method == "bitfit":
             return [nnx.Linear, nnx.LayerNorm, nnx.RMSNorm]

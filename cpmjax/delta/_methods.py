@@ -10,6 +10,7 @@ import cpmjax.delta._adapters as _adapters
 import cpmjax.delta._bitfit as _bitfit
 import cpmjax.delta._lora as _lora
 import cpmjax.delta._prefix as _prefix
+import cpmjax.delta._recovery as _recovery
 import cpmjax.delta._soft_prompt as _soft_prompt
 from cpmjax.errors import DeltaError
 
@@ -43,6 +44,8 @@ METHODS: dict[str, Method] = {
                "learned key/value prefix per attention layer (Li & Liang, 2021)"),
         Method("soft_prompt", _soft_prompt.DEFAULTS, _soft_prompt.build, False, False,
                "learned input embeddings prepended to the sequence (Lester et al., 2021)"),
+        Method("recovery", _recovery.DEFAULTS, _recovery.build, True, False,
+               "non-linear low-rank bypass restoring a compressed backbone (CPET)"),
     )
 }
 ALIASES = {"prefix_tuning": "prefix", "prompt_tuning": "soft_prompt", "low_rank": "low_rank_adapter",
