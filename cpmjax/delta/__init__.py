@@ -10,6 +10,7 @@ backbone's code.
     cpmjax.delta.load(fresh_model, "out/lora")
     with cpmjax.delta.activate(model, "task_a"): ...   # several named deltas, one active
     cpmjax.delta.merge(model, delta)         # fold LoRA into the weights
+    cpmjax.delta.inherit("out/lora", compressed)  # CPET: a delta onto a compressed backbone
     delta.detach()                           # the exact original modules come back
 
 See docs/delta.md.
@@ -33,6 +34,7 @@ from cpmjax.delta._api import (
     trainable,
 )
 from cpmjax.delta._core import DeltaModule, DeltaParam, DeltaSite
+from cpmjax.delta._inherit import inherit
 from cpmjax.delta._io import fingerprint
 from cpmjax.delta._methods import METHODS
 from cpmjax.delta._show import show
@@ -53,6 +55,7 @@ __all__ = [
     "detach",
     "fingerprint",
     "get",
+    "inherit",
     "load",
     "load_peft",
     "merge",
