@@ -156,7 +156,7 @@ LOW = {"cpmjax.errors", "cpmjax.report", "cpmjax.timing", "cpmjax.tokenizer",
        "cpmjax.safetensors_io", "cpmjax.ops", "cpmjax.attention_backends", "cpmjax.models",
        "cpmjax.hf", "cpmjax.distributed", "cpmjax.launch"}
 FEATURES = {"cpmjax.delta", "cpmjax.train", "cpmjax.generate", "cpmjax.evals",
-            "cpmjax.tools"}
+            "cpmjax.tools", "cpmjax.compress"}
 
 
 def _level(module: str) -> int:
@@ -189,7 +189,7 @@ def test_features_import_each_other_one_way():
     """Between the feature packages (layer 3) only these directions exist."""
     allowed = {("cpmjax.generate", "cpmjax.train"), ("cpmjax.train", "cpmjax.delta"),
                ("cpmjax.evals", "cpmjax.generate"), ("cpmjax.evals", "cpmjax.train"),
-               ("cpmjax.tools", "cpmjax.generate")}
+               ("cpmjax.tools", "cpmjax.generate"), ("cpmjax.compress", "cpmjax.delta")}
     graph = _graph()
     seen = set()
     for module, targets in graph.items():
