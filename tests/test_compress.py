@@ -264,3 +264,6 @@ def test_train_step_with_lora_on_a_pruned_quantized_model():
     assert any(not np.array_equal(before[p], np.asarray(m.lora_b[...]))
                for p, m in delta.modules())
     np.testing.assert_array_equal(np.asarray(kernel(model).kernel[...].astype(jnp.int8)), ints)
+    with pytest.raises(CompressionError, match="quantized kernel"):
+        cd.merge(model, delta)  # a float LoRA cannot be folded into integers
+    np.testing.assert_array_equal(np.asarray(kernel(model).kernel[...].astype(jnp.int8)), ints)

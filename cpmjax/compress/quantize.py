@@ -52,7 +52,16 @@ CONFIG = "quantization.json"
 
 
 class QuantizedKernel(nnx.Variable):
-    """Integer kernel values ``[in, out]`` (int8 or int4), not trainable."""
+    """Integer kernel values ``[in, out]`` (int8 or int4), not trainable and read-only:
+    writing (``set_value``, ``kernel[...] = w``; e.g. merging a LoRA into it, which would cast
+    float weights to integers) raises ``CompressionError``. NNX's own state updates (jit,
+    ``nnx.update``) do not go through ``set_value`` and keep working."""
+
+    def set_value(self, value: Any, **kwargs: Any) -> None:
+        raise CompressionError(
+            "cannot write into a quantized kernel (would cast float weights to integers): "
+            "merge deltas before quantizing, or keep them as deltas"
+        )
 
 
 class QuantScale(nnx.Variable):
@@ -237,5 +246,5 @@ def load_quantized(path: str, model: nnx.Module | None = None, *, bits: int | No
         if tuple(value.shape) != tuple(var.shape):
             raise QuantizedCheckpointError(f"tensor {name} in {weights} has shape {value.shape},"
                                            f" the model needs {tuple(var.shape)}")
-        var.set_value(jnp.asarray(value).astype(var[...].dtype))
+        var.set_raw_value(jnp.asarray(value).astype(var[...].dtype))
     return model
