@@ -62,6 +62,8 @@ from cpmjax.generate.driver import (
     compile_cache,
     compiled,
     drive,
+    on_mesh,
+    to_host,
     validate_request,
 )
 from cpmjax.generate.eagle import EagleDraft, check_compatible, load_draft
@@ -574,6 +576,10 @@ def run_speculative(
     args = (tstate, dstate, jnp.asarray(padded), jnp.asarray(lengths), tcache, dcache,
             jax.random.PRNGKey(request.seed))
     if prefill == "ring":
+        # everything on the ring's mesh, which may span several processes (one per host)
+        args = on_mesh((tstate, dstate, padded, lengths, tcache, dcache, args[-1]), mesh)
+        tstate, dstate = args[:2]
+        head, subset_ids = on_mesh((head, subset_ids), mesh)
         prefill_exe = compiled(cache, stats, ("ring-prefill", batch, padded_width, st, id(mesh)),
                                partial(_ring_prefill_fn, tgraph, dgraph, st, mesh), *args)
     else:
@@ -592,18 +598,18 @@ def run_speculative(
     carry, stats.decode_seconds = drive(
         loop, (tstate, dstate, head, subset_ids), carry, limit=max_new_tokens, stream=stream,
         chunk=max(1, stream_every // 4),
-        emitted=lambda c: int(np.max(np.asarray(c["lengths"]))),
-        finished=lambda c, _: bool(np.all(np.asarray(c["done"]))))
-    out = np.asarray(carry["out"])
-    new_lengths = np.asarray(carry["lengths"])
+        emitted=lambda c: int(np.max(to_host(c["lengths"]))),
+        finished=lambda c, _: bool(np.all(to_host(c["done"]))))
+    out = to_host(carry["out"])
+    new_lengths = to_host(carry["lengths"])
     # the first token comes from the prefill, like vanilla decoding's first step
     stats.new_tokens = int(new_lengths.sum())
-    stats.decode_steps = int(carry["it"])
-    stats.loop_iterations = int(carry["it"])
-    cycles = np.asarray(carry["cycles"])
+    stats.decode_steps = int(to_host(carry["it"]))
+    stats.loop_iterations = stats.decode_steps
+    cycles = to_host(carry["cycles"])
     stats.cycles = int(cycles.sum())
     stats.mean_accepted_length = (
-        float(np.asarray(carry["committed"]).sum() / cycles.sum()) if cycles.sum() else 0.0
+        float(to_host(carry["committed"]).sum() / cycles.sum()) if cycles.sum() else 0.0
     )
     if speculative.time_phases and stats.loop_iterations:
         _time_phases(cache, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids,
@@ -626,9 +632,10 @@ def _generate(model: CausalLM, input_ids: Any, max_new_tokens: int, speculative:
 def _time_phases(cache, stats, tgraph, dgraph, st, tstate, dstate, head, subset_ids, carry,
                  batch, iterations: int = 16):
     scored = None if subset_ids is None else int(subset_ids.shape[0])
+    sharding = str(getattr(jax.tree.leaves(carry["tcache"])[0], "sharding", None))
     args = (tstate, dstate, head, subset_ids, carry)
     for name, fn in (("draft", _draft_phase_fn), ("verify", _verify_phase_fn)):
-        executable, _ = cache.get((f"{name}-phase", batch, st, scored, iterations),
+        executable, _ = cache.get((f"{name}-phase", batch, st, scored, iterations, sharding),
                                   partial(fn, tgraph, dgraph, st, iterations), *args)
         seconds = median_seconds(executable, *args, repeats=3) / iterations
         setattr(stats, f"{name}_seconds", seconds)
