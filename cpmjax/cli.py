@@ -4,6 +4,7 @@
                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--chat]
                     [--dtype float32|bfloat16] [--prefill local|apb|star|ring [--query-len N]
                     [--anchor-len N] [--passing-len N] [--retaining-heads FILE]]
+                    [--coordinator HOST:PORT --num-processes N --process-id I]
     cpmjax train --config CONFIG.yaml [flags]          (training recipe)
     cpmjax info [--model DIR]                          (config and parameter count)
 
@@ -11,6 +12,8 @@
 without ``--model`` it uses the bundled default model. Its speculative flags (``--spec
 eagle2|frspec`` ...) come from ``cpmjax.generate.cli``; speculative decoding follows ``--prefill
 local`` or ``ring``, and ``cpmjax.generate`` rejects it after ``apb`` / ``star`` (exit code 2).
+As one of several processes (the flags, or ``cpmjax launch``; docs/multihost.md) a distributed
+prefill spans every process's devices and only process 0 prints.
 """
 
 from __future__ import annotations

@@ -96,3 +96,32 @@ def test_a_generate_error_in_every_process_reaches_the_user(setup):
     proc = _generate(root, 2, 4, "--prefill", "apb", "--query-len", "6")
     assert proc.returncode == 2
     assert "ConfigError: query_len=6" in proc.stdout and "exited with code 2" in proc.stdout
+
+
+def test_generate_flags_that_do_not_fit_are_config_errors(capsys):
+    from cpmjax.cli import main
+
+    assert main(["generate", "--prompt", "x", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "ConfigError: --coordinator HOST:PORT is required" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--coordinator", "h:1", "--num-processes", "2",
+                 "--process-id", "5"]) == 2
+    assert "--process-id=5 is outside [0, 2)" in capsys.readouterr().err
+
+
+def test_on_mesh_keeps_what_is_on_the_mesh_and_replicates_the_rest():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cpmjax.generate.driver import on_mesh, to_host
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh(sequence=8)
+    sharded = jax.device_put(np.arange(16.0), NamedSharding(mesh, PartitionSpec("sequence")))
+    tree = on_mesh({"a": sharded, "b": jnp.ones((2, 3)), "c": np.int32(3), "d": None}, mesh)
+    assert tree["a"] is sharded and tree["d"] is None
+    for key in ("b", "c"):
+        assert tree[key].sharding.is_fully_replicated
+        assert tree[key].sharding.device_set == set(mesh.devices.flat)
+    np.testing.assert_array_equal(to_host(tree["a"]), np.arange(16.0))
+    assert int(to_host(tree["c"])) == 3
