@@ -23,6 +23,7 @@ import importlib
 import sys
 from typing import Any
 
+from cpmjax.distributed import add_process_flags
 from cpmjax.errors import ConfigError, CpmjaxError, MissingPathError
 
 # Subcommands that live with their feature: (module, function that adds the subparser).
@@ -61,12 +62,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--retaining-heads", default=None,
                    help="apb: retaining heads (.npz, scripts/train_retaining_head.py) as the "
                         "compressor instead of the query-aware scorer")
-    g = p.add_argument_group("multi-process (one process per host; see docs/multihost.md)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address, or 'auto' (JAX detects TPU pods / SLURM); "
-                        "default: $CPMJAX_COORDINATOR (set by cpmjax launch) or one process")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+    add_process_flags(p)
     p.set_defaults(func=_run_generate)
 
 
@@ -113,11 +109,10 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 
 def _run_generate(args) -> int:
-    from cpmjax.distributed import initialize, is_primary
+    from cpmjax.distributed import initialize_from_args, is_primary
 
     # before any JAX computation: join the other processes of a multi-process run
-    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-               getattr(args, "process_id", None))
+    initialize_from_args(args)
     import cpmjax
     from cpmjax.tokenizer import apply_chat_template, encode
 

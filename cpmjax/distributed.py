@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 from cpmjax.errors import ConfigError
 
@@ -163,3 +164,23 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def add_process_flags(parser: Any) -> None:
+    """The multi-process flags of a ``cpmjax`` subcommand (``--coordinator``,
+    ``--num-processes``, ``--process-id``), in their own argument group."""
+    group = parser.add_argument_group(
+        "multi-process (one process per host; see docs/multihost.md)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address, or 'auto' (JAX detects TPU pods / SLURM); "
+                            "default: $CPMJAX_COORDINATOR (set by cpmjax launch) or one process")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None)
+
+
+def initialize_from_args(args: Any) -> None:
+    """:func:`initialize` from the flags :func:`add_process_flags` added (absent flags: the
+    environment, else one process)."""
+    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None))
+

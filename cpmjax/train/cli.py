@@ -21,6 +21,8 @@ import argparse
 import sys
 from typing import Any
 
+from cpmjax.distributed import add_process_flags
+
 
 def register(subparsers: Any) -> None:
     """Add the ``train`` subcommand to an argparse ``subparsers`` object."""
@@ -57,12 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only export a checkpoint of the run to the HF layout")
     p.add_argument("--step", type=int, default=None, help="with --export: the step")
     p.add_argument("--export-dir", default=None)
-    g = p.add_argument_group("multi-process (one process per host; see docs/multihost.md)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address, or 'auto' (JAX detects TPU pods / SLURM); "
-                        "default: $CPMJAX_COORDINATOR (set by cpmjax launch) or one process")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+    add_process_flags(p)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,11 +101,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cpmjax.distributed import initialize, is_primary
+    from cpmjax.distributed import initialize_from_args, is_primary
 
     # before any JAX computation: join the other processes of a multi-process run
-    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-               getattr(args, "process_id", None))
+    initialize_from_args(args)
     from cpmjax.train.config import load_config
     from cpmjax.train.loop import export_checkpoint, train
 
