@@ -90,6 +90,57 @@ class DeltaConfig(_Section):
     method: str | None = None  # e.g. "lora": only the delta's parameters train
     targets: list[str] | None = None
     hparams: dict[str, Any] = Field(default_factory=dict)
+    # a delta saved from the uncompressed backbone, loaded onto the (compressed) model with
+    # cpmjax.delta.inherit and trained too (CPET knowledge inheritance)
+    inherit: str | None = None
+
+
+class QuantizeConfig(_Section):
+    bits: Literal[4, 8] = 8
+    group_size: int | None = None  # None: one scale per output channel
+
+
+class PruneConfig(_Section):
+    sparsity: float = 0.5
+    pattern: str = "unstructured"  # or "N:M", e.g. "2:4"
+    criterion: Literal["magnitude", "wanda"] = "magnitude"
+
+
+class MoefyConfig(_Section):
+    num_experts: int
+    top_k: int
+
+
+class CompressConfig(_Section):
+    """Compressions applied to the loaded backbone before any delta is attached, in the order
+    prune, moefy, quantize (``cpmjax.compress``). Wanda pruning and MoEfication calibrate on
+    the first ``calibration_batches`` packed batches of the training tokens."""
+
+    prune: PruneConfig | None = None
+    moefy: MoefyConfig | None = None
+    quantize: QuantizeConfig | None = None
+    calibration_batches: int = 2
+
+    @property
+    def active(self) -> bool:
+        return any(x is not None for x in (self.prune, self.moefy, self.quantize))
+
+
+class DistillConfig(_Section):
+    """Hidden-state distillation against a frozen teacher: loss = cross-entropy +
+    ``hidden_weight`` * mean over ``layers`` of the MSE between the student's and the teacher's
+    decoder-layer outputs. ``teacher``: an HF checkpoint dir, or ``"self-uncompressed"`` (the
+    loaded backbone before ``compress``); ``teacher_delta``: a saved delta loaded onto it (the
+    LoRA trained on the uncompressed model)."""
+
+    teacher: str | None = None
+    teacher_delta: str | None = None
+    hidden_weight: float = 1.0
+    layers: list[int] | Literal["all"] = "all"
+
+    @property
+    def active(self) -> bool:
+        return self.teacher is not None
 
 
 class RunConfig(_Section):
@@ -121,11 +172,16 @@ class TrainConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     delta: DeltaConfig = Field(default_factory=DeltaConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.run.steps < 1:
             raise ValueError(f"run.steps must be >= 1, got {self.run.steps}")
+        problem = compress_distill_problem(self)
+        if problem:
+            raise ValueError(problem)
         problem = sequence_parallel_problem(self)
         if problem:
             raise ValueError(problem)
@@ -176,6 +232,36 @@ def sequence_parallel_problem(config: TrainConfig) -> str | None:
             f"(run.mesh.sequence_layout={mesh.sequence_layout!r} cuts every sequence into "
             f"{chunks} equal chunks)"
         )
+    return None
+
+
+def compress_distill_problem(config: TrainConfig) -> str | None:
+    """Why the ``compress`` / ``distill`` / ``delta.inherit`` settings cannot work (a message
+    naming the setting), or None. Shapes against the model are checked later, in setup, before
+    any compute."""
+    c, d = config.compress, config.distill
+    if c.prune is not None and not 0.0 < c.prune.sparsity < 1.0:
+        return f"compress.prune.sparsity must be in (0, 1), got {c.prune.sparsity}"
+    if c.quantize is not None and c.quantize.group_size is not None and c.quantize.group_size < 1:
+        return f"compress.quantize.group_size must be >= 1, got {c.quantize.group_size}"
+    if c.moefy is not None and not 1 <= c.moefy.top_k <= c.moefy.num_experts:
+        return (f"compress.moefy: need 1 <= top_k <= num_experts, got top_k={c.moefy.top_k}, "
+                f"num_experts={c.moefy.num_experts}")
+    if c.calibration_batches < 1:
+        return f"compress.calibration_batches must be >= 1, got {c.calibration_batches}"
+    if not (d.hidden_weight >= 0.0 and d.hidden_weight < float("inf")):
+        return f"distill.hidden_weight must be a finite number >= 0, got {d.hidden_weight}"
+    if isinstance(d.layers, list):
+        if not d.layers:
+            return "distill.layers is empty: list layer indices or write 'all'"
+        if any(i < 0 for i in d.layers) or len(set(d.layers)) != len(d.layers):
+            return f"distill.layers must be distinct indices >= 0, got {d.layers}"
+    if d.teacher_delta is not None and d.teacher is None:
+        return "distill.teacher_delta is set but distill.teacher is not"
+    if d.teacher == "self-uncompressed" and not (c.active or config.delta.method
+                                                 or config.delta.inherit):
+        return ("distill.teacher='self-uncompressed' needs something to distil into: a compress "
+                "section or a delta")
     return None
 
 

@@ -29,6 +29,7 @@ from cpmjax.models import CausalLM
 from cpmjax.train.checkpoint import Checkpointer
 from cpmjax.train.config import TrainConfig, dump_config
 from cpmjax.train.data import process_rows
+from cpmjax.train.distill import Distill, check_teacher
 from cpmjax.train.metrics import (
     METRICS_FILE,
     MetricsLog,
@@ -40,6 +41,7 @@ from cpmjax.train.metrics import (
 )
 from cpmjax.train.setup import (
     build_model,
+    calibration_ids,
     make_batches,
     make_optimizer,
     make_schedule,
@@ -48,6 +50,7 @@ from cpmjax.train.setup import (
     model_config_from,
     mup_initialize,
     prepare_data,
+    prepare_student,
     trainable_filter,
 )
 from cpmjax.train.step import (
@@ -131,13 +134,26 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     batches, eval_batches = make_batches(config, tokenizer, train_tokens, eval_tokens, rows)
 
     model = build_model(config, len(tokenizer))
-    wrt = trainable_filter(config, model)
+    calibration = None
+    if config.compress.active:
+        calibration = calibration_ids(config, tokenizer, train_tokens)
+    wrt, teacher = prepare_student(config, model, calibration)
     if mesh is not None:
         shard_model(model, mesh)
     optimizer = nnx.Optimizer(model, make_optimizer(config, model), wrt=wrt)
     graphdef, state = nnx.split((model, optimizer))
     schedule = make_schedule(config)
-    train_step = make_train_step(graphdef, wrt, run.loss_chunk, run.loss_remat)
+    distill, teacher_state = None, None
+    if teacher is not None:
+        if mesh is not None:
+            shard_model(teacher, mesh)
+        teacher_graphdef, teacher_state = nnx.split(teacher)
+        distill = Distill(teacher_graphdef, config.distill.hidden_weight,
+                          check_teacher(config, model, teacher))
+        if primary:
+            print(f"[cpmjax train] distilling layers {list(distill.layers)} of "
+                  f"{config.distill.teacher} (weight {distill.weight:g})", file=sys.stderr)
+    train_step = make_train_step(graphdef, wrt, run.loss_chunk, run.loss_remat, distill)
     eval_step = make_eval_step(graphdef, run.loss_chunk)
     if seq_parallel is not None:
         train_step, eval_step = seq_parallel.wrap(train_step), seq_parallel.wrap(eval_step)
@@ -170,6 +186,8 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
             print(f"[cpmjax train] resumed from step {start_step} ({ckpt.directory})",
                   file=sys.stderr)
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
+    if distill is not None:
+        step_fn = functools.partial(step_fn, teacher_state=teacher_state)
     eval_fn = jax.jit(eval_step)
 
     mc = model.config
@@ -284,12 +302,24 @@ def export_model(config: TrainConfig, model: CausalLM, tokenizer: Any,
     if process_count() > 1:
         gather_to_hosts(model)
         if not is_primary():
-            return os.path.join(out_dir, "delta") if config.delta.method else out_dir
-    if config.delta.method:
+            return (os.path.join(out_dir, "delta") if config.delta.method or config.delta.inherit
+                    else out_dir)
+    if config.delta.method or config.delta.inherit:
         import cpmjax.delta as delta_lib
 
-        path = delta_lib.get(model).save(os.path.join(out_dir, "delta"))
-        return os.path.dirname(path) if os.path.isfile(path) else path
+        first = None
+        for name in delta_lib.names(model):
+            where = os.path.join(out_dir, "delta" if name == "default" else f"delta-{name}")
+            path = delta_lib.get(model, name).save(where)
+            path = os.path.dirname(path) if os.path.isfile(path) else path
+            first = first or path
+        return first
+    if config.compress.quantize is not None:
+        from cpmjax.compress import save_quantized
+
+        save_quantized(model, out_dir)
+        save_tokenizer(tokenizer, out_dir)
+        return out_dir
     save_pretrained(model, out_dir, dtype=config.run.export_dtype)
     save_tokenizer(tokenizer, out_dir)
     return out_dir
@@ -316,7 +346,11 @@ def export_checkpoint(config: TrainConfig, step: int | None = None,
     tok_dir = config.data.tokenizer or os.path.join(config.run.out_dir, "tokenizer")
     tokenizer = load_training_tokenizer(tok_dir)
     model = build_model(config, len(tokenizer))
-    wrt = trainable_filter(config, model)
+    calibration = None
+    if config.compress.active:
+        _, train_tokens, _ = prepare_data(config)
+        calibration = calibration_ids(config, tokenizer, train_tokens)
+    wrt, _ = prepare_student(config, model, calibration)
     optimizer = nnx.Optimizer(model, make_optimizer(config, model), wrt=wrt)
     _, state = nnx.split((model, optimizer))
     with Checkpointer(os.path.join(config.run.out_dir, "checkpoints"), create=False) as ckpt:

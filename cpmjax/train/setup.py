@@ -105,14 +105,69 @@ def make_optimizer(config: TrainConfig, model: CausalLM) -> optax.GradientTransf
 
 
 def trainable_filter(config: TrainConfig, model: CausalLM) -> Any:
-    """``nnx.Param`` or, with a delta configured, the delta's parameters (after attaching it)."""
-    if not config.delta.method:
+    """``nnx.Param`` or, with a delta configured, the delta's parameters (after attaching it):
+    ``delta.inherit`` is loaded first (``cpmjax.delta.inherit``) and trains too."""
+    if not (config.delta.method or config.delta.inherit):
         return nnx.Param
     import cpmjax.delta as delta_lib
 
-    delta_lib.attach(model, config.delta.method, targets=config.delta.targets,
-                     **config.delta.hparams)
+    if config.delta.inherit:
+        delta_lib.inherit(config.delta.inherit, model)
+    if config.delta.method:
+        name = "default"
+        if name in delta_lib.names(model):
+            name = config.delta.method
+        delta_lib.attach(model, config.delta.method, name=name, targets=config.delta.targets,
+                         **config.delta.hparams)
     return delta_lib.trainable(model)
+
+
+def calibration_ids(config: TrainConfig, tokenizer: Any, train_tokens: np.ndarray
+                    ) -> list[np.ndarray]:
+    """The first ``compress.calibration_batches`` packed batches of the training tokens (in
+    stream order, not shuffled) as token ids ``[batch, seq]``, for Wanda and MoEfication."""
+    batches = PackedBatches(train_tokens, config.data.batch_size, config.data.seq_len,
+                            shuffle=False, bos_id=tokenizer.bos_token_id,
+                            pad_id=tokenizer.pad_token_id)
+    return [b["input_ids"] for b in batches.fixed_batches(config.compress.calibration_batches)]
+
+
+def compress_model(config: TrainConfig, model: CausalLM, calibration: Any = None) -> list[str]:
+    """Apply ``config.compress`` to ``model`` in place (prune, then moefy, then quantize; before
+    any delta is attached); returns what was done. ``calibration``: token ids for Wanda and
+    MoEfication (``calibration_ids``). Bad settings raise ``CompressionError`` before any
+    compute."""
+    import cpmjax.compress as compress_lib
+
+    c, done = config.compress, []
+    if c.prune is not None:
+        compress_lib.prune(model, c.prune.sparsity, c.prune.pattern, c.prune.criterion,
+                           calibration=calibration)
+        done.append(f"prune {c.prune.pattern} {c.prune.sparsity:g} ({c.prune.criterion})")
+    if c.moefy is not None:
+        compress_lib.moefy(model, c.moefy.num_experts, c.moefy.top_k, calibration=calibration)
+        done.append(f"moefy {c.moefy.num_experts} experts, top {c.moefy.top_k}")
+    if c.quantize is not None:
+        compress_lib.quantize(model, bits=c.quantize.bits, group_size=c.quantize.group_size)
+        group = c.quantize.group_size
+        done.append(f"int{c.quantize.bits} " + (f"groups of {group}" if group else "per channel"))
+    return done
+
+
+def prepare_student(config: TrainConfig, model: CausalLM, calibration: Any = None
+                    ) -> tuple[Any, Any]:
+    """The CPET part of setting up ``model``: the teacher is taken (before compression, for
+    ``distill.teacher: self-uncompressed``), the model compressed, the deltas attached, and the
+    teacher checked against the student (``ConfigError`` naming both, before any compute).
+    Returns ``(wrt, teacher or None)``."""
+    from cpmjax.train.distill import build_teacher, check_teacher
+
+    teacher = build_teacher(config, model)
+    if teacher is not None:
+        check_teacher(config, model, teacher)
+    if config.compress.active:
+        compress_model(config, model, calibration)
+    return trainable_filter(config, model), teacher
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+import cpmjax.compress as compress_lib
 from cpmjax import ops
 from cpmjax.errors import ShapeMismatchError
 from cpmjax.models import CausalLM
+from cpmjax.train.distill import Distill, distill_loss_fn
 from cpmjax.train.loss import chunked_cross_entropy
 
 
@@ -36,20 +38,39 @@ def loss_fn(model: CausalLM, batch: dict[str, jax.Array], chunk: int, remat: boo
                                  batch["loss_mask"], chunk_size=chunk, remat=remat)
 
 
-def make_train_step(graphdef: Any, wrt: Any, chunk: int = 128, remat: bool = True
-                    ) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
+def make_train_step(graphdef: Any, wrt: Any, chunk: int = 128, remat: bool = True,
+                    distill: Distill | None = None
+                    ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """The pure train step over the split state of ``(model, optimizer)``:
     ``step(state, batch) -> (new_state, {"loss", "grad_norm", "param_norm", "accuracy",
     "tokens"})``; ``loss`` is that of the parameters before the update, ``param_norm`` the norm
     of the trainable parameters after it.
-    Jit it (``jax.jit(step, donate_argnums=0)``); with sharded inputs it runs SPMD."""
+    Jit it (``jax.jit(step, donate_argnums=0)``); with sharded inputs it runs SPMD.
 
-    def step(state, batch):
+    With ``distill`` (``cpmjax.train.distill.Distill``) the step is ``step(state, batch,
+    teacher_state)`` and the loss adds λ · hidden-state MSE against the teacher (metrics add
+    ``ce`` and ``hidden_mse``); the teacher's state is only read. A model with pruning masks
+    (``cpmjax.compress.prune``) gets them re-applied after every update, so full fine-tuning
+    never revives pruned weights (decided when tracing: no cost for a model without masks, or
+    whose masked kernels are quantized and so frozen)."""
+
+    def step(state, batch, teacher_state=None):
         model, optimizer = nnx.merge(graphdef, state)
-        grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, chunk, remat),
-                                     argnums=nnx.DiffState(0, wrt), has_aux=True)
+        if distill is None:
+            def objective(m):
+                return loss_fn(m, batch, chunk, remat)
+        else:
+            teacher = nnx.merge(distill.graphdef, teacher_state)
+
+            def objective(m):
+                return distill_loss_fn(m, teacher, batch, distill, chunk, remat)
+        grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (loss, aux), grads = grad_fn(model)
         optimizer.update(model, grads)
+        # quantized kernels are read-only (not parameters, never updated): nothing to re-mask;
+        # the train config prunes and quantizes the same decoder linears
+        if compress_lib.masks(model) and not compress_lib.quantized_modules(model):
+            compress_lib.apply_masks(model)
         param_norm = optax.tree.norm(nnx.state(model, wrt))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": param_norm,
                    **aux}
