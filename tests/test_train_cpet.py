@@ -5,6 +5,7 @@ run with int4 + an inherited LoRA + recovery + distillation."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sysconfig
@@ -155,6 +156,8 @@ def test_config_validates_compress_and_distill():
                        ({"distill.teacher": "x", "distill.layers": [1, 1]}, "distill.layers"),
                        ({"distill.teacher_delta": "d"}, "teacher_delta"),
                        ({"compress.quantize": {"bits": 3}}, "bits"),
+                       ({"delta.inherit": "x/lora", "delta.train_inherit": {"steps": 2}},
+                        "train_inherit"),
                        ({"compress.prune": {"sparsity": 1.5}}, "sparsity"),
                        ({"compress.moefy": {"num_experts": 2, "top_k": 3}}, "top_k")]:
         with pytest.raises(ConfigError, match=match):
@@ -196,15 +199,14 @@ def run_config(root: str, name: str, steps: int, **extra) -> dict:
 
 
 def test_cpet_end_to_end_run(corpus):
-    """A full fine-tune of a tiny model, its LoRA, then the CPET run on its int4 + 2:4 copy:
-    inherited LoRA + recovery + distillation against the uncompressed model with its LoRA."""
+    """A short pretraining of a tiny model, then one CPET run on its int4 + 2:4 copy: a LoRA
+    trained first on the uncompressed model (delta.train_inherit), inherited, + recovery +
+    distillation against the uncompressed model with that LoRA."""
     base = train(load_config(overrides=run_config(corpus, "base", 3)))
     tok = os.path.join(corpus, "base", "tokenizer")
-    lora = train(load_config(overrides=run_config(
-        corpus, "lora", 3, **{"model.init_from": base.export_dir, "data.tokenizer": tok,
-                              "delta.method": "lora", "delta.hparams": {"r": 2}})))
-    lora_dir = lora.export_dir
+    lora_dir = os.path.join(corpus, "lora", "delta")  # trained first by delta.train_inherit
     cfg = load_config(overrides=run_config(corpus, "cpet", 4, **{
+        "delta.train_inherit": {"steps": 2, "method": "lora", "hparams": {"r": 2}},
         "model.init_from": base.export_dir, "data.tokenizer": tok,
         "compress.prune": {"sparsity": 0.5, "pattern": "2:4", "criterion": "wanda"},
         "compress.quantize": {"bits": 4, "group_size": 16},
@@ -214,6 +216,9 @@ def test_cpet_end_to_end_run(corpus):
         "distill.hidden_weight": 0.5, "distill.layers": "all"}))
     result = train(cfg)
     assert result.step == 4 and all(np.isfinite(result.losses))
+    assert os.path.isdir(os.path.join(corpus, "cpet", "inherit", "checkpoints"))
+    records = [json.loads(line) for line in open(os.path.join(corpus, "cpet", "metrics.jsonl"))]
+    assert all(r["hidden_mse"] >= 0 for r in records if "loss" in r)
     exported = sorted(os.listdir(os.path.dirname(result.export_dir)))
     assert "delta" in exported and "delta-recovery" in exported
     # full fine-tuning of a 2:4-pruned copy through the loop: the exported weights keep 2:4
@@ -241,8 +246,6 @@ def test_cpet_end_to_end_run(corpus):
 
 def lora_dir_teacher(root: str, base_dir: str) -> str:
     """A copy of ``base_dir`` whose config claims a larger vocabulary (a different teacher)."""
-    import json
-
     from cpmjax.hf import from_pretrained, save_pretrained
 
     model = from_pretrained(base_dir)

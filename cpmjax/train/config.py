@@ -86,6 +86,17 @@ class MeshConfig(_Section):
         return self.data * self.fsdp * self.tensor * self.sequence
 
 
+class InheritRun(_Section):
+    """CPET's first stage: a delta trained for ``steps`` on the uncompressed backbone (same
+    model, data and optimizer settings; no compress, no distill) in ``<out_dir>/inherit``,
+    exported to ``delta.inherit`` (whose last component must be ``delta``)."""
+
+    steps: int = 50
+    method: str = "lora"
+    targets: list[str] | None = None
+    hparams: dict[str, Any] = Field(default_factory=dict)
+
+
 class DeltaConfig(_Section):
     method: str | None = None  # e.g. "lora": only the delta's parameters train
     targets: list[str] | None = None
@@ -93,6 +104,8 @@ class DeltaConfig(_Section):
     # a delta saved from the uncompressed backbone, loaded onto the (compressed) model with
     # cpmjax.delta.inherit and trained too (CPET knowledge inheritance)
     inherit: str | None = None
+    # when delta.inherit does not exist yet: train it first on the uncompressed backbone
+    train_inherit: InheritRun | None = None
 
 
 class QuantizeConfig(_Section):
@@ -256,6 +269,14 @@ def compress_distill_problem(config: TrainConfig) -> str | None:
             return "distill.layers is empty: list layer indices or write 'all'"
         if any(i < 0 for i in d.layers) or len(set(d.layers)) != len(d.layers):
             return f"distill.layers must be distinct indices >= 0, got {d.layers}"
+    t = config.delta.train_inherit
+    if t is not None:
+        if not config.delta.inherit or os.path.basename(
+                os.path.normpath(config.delta.inherit)) != "delta":
+            return ("delta.train_inherit exports to delta.inherit, which must be set and end in "
+                    f"'/delta' (export_dir/delta), got {config.delta.inherit!r}")
+        if t.steps < 1:
+            return f"delta.train_inherit.steps must be >= 1, got {t.steps}"
     if d.teacher_delta is not None and d.teacher is None:
         return "distill.teacher_delta is set but distill.teacher is not"
     if d.teacher == "self-uncompressed" and not (c.active or config.delta.method

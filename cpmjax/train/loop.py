@@ -114,6 +114,11 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     run = config.run
     primary = is_primary()
     mesh, seq_parallel = make_training_mesh(config)  # validate before any data work
+    if config.delta.train_inherit is not None and not os.path.isdir(config.delta.inherit):
+        if primary:
+            print(f"[cpmjax train] CPET stage 1: training the delta to inherit into "
+                  f"{config.delta.inherit}", file=sys.stderr)
+        train(inherit_stage_config(config), export=True)
     os.makedirs(run.out_dir, exist_ok=True)
     if primary:
         dump_config(config, os.path.join(run.out_dir, "config.yaml"))
@@ -241,6 +246,9 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
             record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": float(metrics["grad_norm"]), "param_norm": param_norm,
                       "accuracy": float(metrics["accuracy"]), "tokens_seen": tokens_seen}
+            for extra in ("ce", "hidden_mse"):  # with distillation
+                if extra in metrics:
+                    record[extra] = float(metrics[extra])
             if step % run.log_every == 0 or step == run.steps:
                 record.update(**throughput.report(), elapsed_min=(time.time() - t_start) / 60)
                 if bar is not None:
@@ -287,6 +295,21 @@ def train(config: TrainConfig, *, export: bool = True) -> TrainResult:
     return TrainResult(step=step, losses=losses, final_loss=losses[-1] if losses else None,
                        eval_loss=eval_loss, tokens_seen=tokens_seen, export_dir=export_dir,
                        stopped_early=stopped_early)
+
+
+def inherit_stage_config(config: TrainConfig) -> TrainConfig:
+    """The config of CPET's first stage (``delta.train_inherit``): the same model, data and
+    optimizer, no compression or distillation, the stage's delta, ``<out_dir>/inherit``, and
+    an export whose ``delta`` directory is ``delta.inherit``."""
+    t = config.delta.train_inherit
+    tree = config.model_dump()
+    tree["compress"], tree["distill"] = {}, {}
+    tree["delta"] = {"method": t.method, "targets": t.targets, "hparams": dict(t.hparams)}
+    tree["optim"].update(decay_start=None, decay_steps=None)
+    tree["data"]["cache_dir"] = config.cache_dir
+    tree["run"].update(steps=t.steps, out_dir=os.path.join(config.run.out_dir, "inherit"),
+                       export_dir=os.path.dirname(os.path.normpath(config.delta.inherit)))
+    return TrainConfig(**tree)
 
 
 def export_model(config: TrainConfig, model: CausalLM, tokenizer: Any,
