@@ -219,7 +219,7 @@ def test_cpet_end_to_end_run(corpus):
     assert os.path.isdir(os.path.join(corpus, "cpet", "inherit", "checkpoints"))
     records = [json.loads(line) for line in open(os.path.join(corpus, "cpet", "metrics.jsonl"))]
     assert all(r["hidden_mse"] >= 0 for r in records if "loss" in r)
-    exported = sorted(os.listdir(os.path.dirname(result.export_dir)))
+    exported = sorted(os.listdir(result.export_dir))
     assert "delta" in exported and "delta-recovery" in exported
     # full fine-tuning of a 2:4-pruned copy through the loop: the exported weights keep 2:4
     full = train(load_config(overrides=run_config(corpus, "pruned", 3, **{

@@ -315,7 +315,9 @@ def inherit_stage_config(config: TrainConfig) -> TrainConfig:
 def export_model(config: TrainConfig, model: CausalLM, tokenizer: Any,
                  out_dir: str | None = None) -> str:
     """Write the model in the HF layout (``cpmjax.save_pretrained``, ``run.export_dtype``) with
-    its tokenizer; with a delta attached, the delta is saved instead (``<out>/delta``).
+    its tokenizer; with a delta attached, the delta is saved instead (``<out>/delta``; other
+    named deltas, e.g. CPET's ``recovery`` beside an inherited one, to ``<out>/delta-<name>``);
+    a quantized model without deltas is saved with ``cpmjax.compress.save_quantized``.
     Several processes: every process calls it (the parameters are gathered across them),
     process 0 alone writes."""
     from cpmjax.hf import save_pretrained
@@ -330,13 +332,13 @@ def export_model(config: TrainConfig, model: CausalLM, tokenizer: Any,
     if config.delta.method or config.delta.inherit:
         import cpmjax.delta as delta_lib
 
-        first = None
+        saved = []
         for name in delta_lib.names(model):
             where = os.path.join(out_dir, "delta" if name == "default" else f"delta-{name}")
             path = delta_lib.get(model, name).save(where)
-            path = os.path.dirname(path) if os.path.isfile(path) else path
-            first = first or path
-        return first
+            saved.append(os.path.dirname(path) if os.path.isfile(path) else path)
+        # one delta: its directory; several (inherited + recovery): the directory holding them
+        return saved[0] if len(saved) == 1 else out_dir
     if config.compress.quantize is not None:
         from cpmjax.compress import save_quantized
 
