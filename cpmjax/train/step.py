@@ -1,7 +1,8 @@
 """The train and eval steps: pure functions over the split state of ``(model, optimizer)``, jitted
 by the loop (optionally sharded), and the placement of batches and state on the devices.
 
-- ``make_train_step(graphdef, wrt, chunk)``: ``(state, batch) -> (state, metrics)``;
+- ``make_train_step(graphdef, wrt, chunk)``: ``(state, batch) -> (state, metrics)``
+  (``(state, batch, teacher_state)`` with ``distill=``: CPET hidden-state distillation);
 - ``make_eval_step(graphdef, chunk)``: ``(state, batch) -> (loss, tokens)``;
 - ``SequenceParallel(mesh, impl, layout)``: lay a batch out over the ``sequence`` mesh axis and
   run a step under the ``"burst"`` attention backend (``run.mesh.sequence > 1``);
