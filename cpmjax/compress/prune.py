@@ -134,11 +134,12 @@ def masks(model: nnx.Module) -> dict[str, jax.Array]:
 
 def apply_masks(model: nnx.Module) -> int:
     """Zero the pruned weights again (after a full fine-tuning update, which may have revived
-    them); works inside ``nnx.jit``. Returns how many kernels were masked."""
+    them); works inside ``nnx.jit``. Kernels that are not parameters (quantized kernels are
+    read-only and never updated) are skipped. Returns how many kernels were masked."""
     n = 0
     for _, m, _, _ in modules(model):
         mask = getattr(m, "prune_mask", None)
-        if isinstance(mask, PruneMask):
+        if isinstance(mask, PruneMask) and isinstance(getattr(m, "kernel", None), nnx.Param):
             w = m.kernel[...]
             m.kernel.set_value(jnp.where(mask[...], w, jnp.zeros((), w.dtype)))
             n += 1

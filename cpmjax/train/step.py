@@ -68,9 +68,9 @@ def make_train_step(graphdef: Any, wrt: Any, chunk: int = 128, remat: bool = Tru
         grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (loss, aux), grads = grad_fn(model)
         optimizer.update(model, grads)
-        # quantized kernels are read-only (not parameters, never updated): nothing to re-mask;
-        # the train config prunes and quantizes the same decoder linears
-        if compress_lib.masks(model) and not compress_lib.quantized_modules(model):
+        # re-zero pruned weights an update revived (apply_masks skips read-only quantized
+        # kernels); decided at trace time, so an unpruned model pays nothing
+        if compress_lib.masks(model):
             compress_lib.apply_masks(model)
         param_norm = optax.tree.norm(nnx.state(model, wrt))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": param_norm,
