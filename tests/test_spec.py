@@ -23,7 +23,6 @@ from cpmjax.generate.eagle import (
     load_draft,
     new_draft,
     save_draft,
-    token_windows,
     train_draft,
 )
 from cpmjax.generate.frspec import rank_by_frequency
@@ -35,6 +34,7 @@ from cpmjax.generate.speculative import (
     _Static,
 )
 from cpmjax.models import CausalLM, ModelConfig
+from cpmjax.train.data import token_windows
 
 pytestmark = pytest.mark.slow  # end-to-end decoding: each test compiles a decode loop
 

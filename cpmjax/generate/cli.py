@@ -112,8 +112,9 @@ def corpus_ids(tokenizer, files) -> Any:
 
 def _run_train_draft(args) -> int:
     import cpmjax
-    from cpmjax.generate.eagle import new_draft, save_draft, token_windows, train_draft
+    from cpmjax.generate.eagle import new_draft, save_draft, train_draft
     from cpmjax.generate.frspec import count_token_frequencies, rank_by_frequency, save_freq_vocab
+    from cpmjax.train.data import token_windows
 
     path = args.model or cpmjax.default_model_path()
     model = cpmjax.from_pretrained(path, dtype="float32")

@@ -11,8 +11,8 @@ target's embedding and head.
 Training (``draft_loss`` / ``train_draft``) runs the frozen target over token sequences and fits
 the draft to its own hidden states: smooth-L1 feature regression plus the cross-entropy between
 the target's next-token distribution and the draft's. The loop, optimizer, schedule, checkpoints
-and metrics are the training recipe's (``cpmjax.train.draft``); ``token_windows`` is
-``cpmjax.train.data.token_windows``.
+and metrics are the training recipe's (``cpmjax.train.draft``, imported when a draft is trained,
+so decoding never loads the training package).
 
 Export: ``save_draft`` writes ``config.json`` (the layer's config plus an ``eagle_draft`` section)
 and ``model.safetensors`` (atomically, through ``cpmjax.safetensors_io``); ``load_draft`` reads
@@ -38,8 +38,6 @@ from cpmjax.models import CausalLM, ModelConfig
 from cpmjax.models.modules import RMSNorm, init_layer_cache, linear
 from cpmjax.models.transformer import DecoderLayer, run_layers
 from cpmjax.safetensors_io import TensorFiles, atomic_directory, save_file
-from cpmjax.train.data import token_windows
-from cpmjax.train.draft import train_against
 
 __all__ = [
     "DRAFT_WEIGHTS",
@@ -51,7 +49,6 @@ __all__ = [
     "new_draft",
     "save_draft",
     "target_features",
-    "token_windows",
     "train_draft",
 ]
 
@@ -300,6 +297,8 @@ def train_draft(
     Stops after ``steps`` steps, after ``max_seconds``, or when ``batches`` ends. Returns the
     logged metrics."""
     check_compatible(draft, target)
+    from cpmjax.train.draft import train_against
+
     return train_against(
         draft, target, batches, loss=draft_loss,
         loss_kwargs={"token_weight": token_weight, "noise": noise}, steps=steps,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,7 +23,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-import cpmjax.compress as compress_lib
 from cpmjax import ops
 from cpmjax.errors import ShapeMismatchError
 from cpmjax.models import CausalLM
@@ -69,9 +69,11 @@ def make_train_step(graphdef: Any, wrt: Any, chunk: int = 128, remat: bool = Tru
         (loss, aux), grads = grad_fn(model)
         optimizer.update(model, grads)
         # re-zero pruned weights an update revived (apply_masks skips read-only quantized
-        # kernels); decided at trace time, so an unpruned model pays nothing
-        if compress_lib.masks(model):
-            compress_lib.apply_masks(model)
+        # kernels); decided at trace time, so an unpruned model pays nothing. A model carries
+        # masks only if cpmjax.compress pruned it, so training never imports that package itself.
+        compress = sys.modules.get("cpmjax.compress")
+        if compress is not None and compress.masks(model):
+            compress.apply_masks(model)
         param_norm = optax.tree.norm(nnx.state(model, wrt))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": param_norm,
                    **aux}
