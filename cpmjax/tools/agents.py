@@ -120,6 +120,16 @@ def run_step(policy: Policy, fmt: Format, registry: ToolRegistry, prompt: str, i
     return step, reply
 
 
+def record_step(step: Step, steps: list[Step], on_step: Callable[[Step], None] | None
+                ) -> str | None:
+    """Append ``step`` to the trace and report it; returns why the search ends there
+    (``"answer"`` or ``"policy_error"``) or None to go on. Shared by ReAct and DFSDT."""
+    steps.append(step)
+    if on_step is not None:
+        on_step(step)
+    return step.kind if step.kind in ("answer", "policy_error") else None
+
+
 def model_policy(model: Any, tokenizer: Any, fmt: Format, *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  on_text: Callable[[str], None] | None = None) -> ModelPolicy:
@@ -155,14 +165,9 @@ def react(model: Any, tokenizer: Any, query: str, registry: ToolRegistry, *,
         prompt = fmt.prompt(tokenizer, system_text, query, turns)
         step, _ = run_step(policy, fmt, registry, prompt, index)
         step.node, step.parent, step.depth = index + 1, index, index + 1
-        steps.append(step)
-        if on_step is not None:
-            on_step(step)
-        if step.kind == "answer":
-            answer, stopped = step.answer, "answer"
-            break
-        if step.kind == "policy_error":
-            stopped = "policy_error"
+        ended = record_step(step, steps, on_step)
+        if ended is not None:
+            answer, stopped = step.answer, ended
             break
         turns.append(Turn(step.text, step.observations))
     return AgentResult(answer, stopped, steps, "react", fmt.name, query,

@@ -19,7 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from cpmjax.errors import ConfigError
-from cpmjax.tools.agents import AgentResult, Step, model_policy, run_step, system_prompt
+from cpmjax.tools.agents import (
+    AgentResult,
+    Step,
+    model_policy,
+    record_step,
+    run_step,
+    system_prompt,
+)
 from cpmjax.tools.formats import Turn, get_format
 from cpmjax.tools.policy import Policy
 from cpmjax.tools.registry import ToolRegistry
@@ -112,14 +119,9 @@ def dfsdt(model: Any, tokenizer: Any, query: str, registry: ToolRegistry, *,
         step.node, step.parent, step.depth, step.note = child.id, node.id, child.depth, note
         nodes.append(child)
         node.children.append(child.id)
-        steps.append(step)
-        if on_step is not None:
-            on_step(step)
-        if step.kind == "answer":
-            answer, stopped = step.answer, "answer"
-            break
-        if step.kind == "policy_error":
-            stopped = "policy_error"
+        ended = record_step(step, steps, on_step)
+        if ended is not None:
+            answer, stopped = step.answer, ended
             break
         if step.kind != "give_up":
             stack.append(child.id)
