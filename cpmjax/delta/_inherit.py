@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from flax import nnx
 
 from cpmjax.delta._api import Delta
-from cpmjax.delta._io import CONFIG, FORMAT, WEIGHTS, fingerprint, load_delta
+from cpmjax.delta._io import fingerprint, load_delta
 from cpmjax.delta._sites import delta_modules
-from cpmjax.errors import DeltaError, MissingPathError
+from cpmjax.errors import DeltaError
 
 
 def check_same_architecture(saved: dict[str, Any], model: nnx.Module, source: str) -> None:
@@ -59,22 +57,13 @@ def inherit(delta_dir: str, compressed_model: nnx.Module, name: str | None = Non
     Raises ``DeltaError`` when the delta was trained on a different architecture, before any
     tensor is read."""
     path, model = delta_dir, compressed_model
-    cfg_file = os.path.join(path, CONFIG)
-    for file in (cfg_file, os.path.join(path, WEIGHTS)):
-        if not os.path.isfile(file):
-            raise MissingPathError(f"no saved delta at {path}: {os.path.basename(file)} missing")
-    with open(cfg_file) as f:
-        cfg = json.load(f)
-    if cfg.get("format") != FORMAT:
-        raise DeltaError(f"{cfg_file} is not a cpmjax delta (format {cfg.get('format')!r})")
-    saved = cfg.get("backbone") or {}
-    check_same_architecture(saved, model, path)
-    # the ordinary loader, reading a copy whose fingerprint names the compressed model
-    with tempfile.TemporaryDirectory(prefix="cpmjax-inherit-") as tmp:
-        shutil.copyfile(os.path.join(path, WEIGHTS), os.path.join(tmp, WEIGHTS))
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump({**cfg, "backbone": fingerprint(model)}, f)
-        loaded = load_delta(model, tmp, name, active=active)
+    saved: dict[str, Any] = {}
+
+    def check(fingerprint_saved: dict[str, Any], model: nnx.Module, source: str) -> None:
+        check_same_architecture(fingerprint_saved, model, source)
+        saved.update(fingerprint_saved)
+
+    loaded = load_delta(model, path, name, active=active, check=check)
     record = {
         "inherited_from": os.path.abspath(path),
         "source_backbone": {k: saved.get(k) for k in ("config_hash", "structure_hash",

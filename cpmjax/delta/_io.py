@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -132,10 +133,13 @@ def save_delta(model: nnx.Module, name: str, method: str, hparams: dict[str, Any
     return path
 
 
-def load_delta(model: nnx.Module, path: str, name: str | None = None, *, active: bool = True
+def load_delta(model: nnx.Module, path: str, name: str | None = None, *, active: bool = True,
+               check: Callable[[dict[str, Any], nnx.Module, str], None] = check_backbone,
                ) -> tuple[str, str, dict[str, Any], list[str]]:
     """Attach the delta saved at ``path`` to ``model`` (under its saved name, or ``name``);
-    returns its ``(name, method, hyper-parameters, targets)``."""
+    returns its ``(name, method, hyper-parameters, targets)``. ``check(saved_fingerprint,
+    model, path)`` decides, before any tensor is read, whether the delta's backbone fits
+    (default: the same backbone; ``inherit`` accepts a compressed copy of it)."""
     cfg_file, weights_file = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     for file in (cfg_file, weights_file):
         if not os.path.isfile(file):
@@ -144,7 +148,7 @@ def load_delta(model: nnx.Module, path: str, name: str | None = None, *, active:
         cfg = json.load(f)
     if cfg.get("format") != FORMAT:
         raise DeltaError(f"{cfg_file} is not a cpmjax delta (format {cfg.get('format')!r})")
-    check_backbone(cfg["backbone"], model, path)
+    check(cfg["backbone"], model, path)
     spec = get_method(cfg["method"])
     hp = hyperparameters(spec, cfg["hparams"])
     tensors = read_tensors(weights_file)
