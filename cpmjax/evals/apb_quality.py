@@ -152,28 +152,48 @@ def distributed_hidden(model: Any, tokens: jax.Array, *, mesh: Mesh, layout: APB
     ``tokens [b, seq] -> hidden [b, seq, hidden]`` in input order (context rows from the
     expanded layout, then the query tokens against the sequence-sharded KV cache). The KV cache
     is ``seq`` rounded up to a multiple of ``8 * hosts``, sharded along the sequence."""
-    from cpmjax.generate.prefill import apb_prefill
-
     b, seq = tokens.shape
     method = "star" if (layout.passing_len == 0 and not layout.query_embedded) else "apb"
     cache_len = -(-seq // (layout.hosts * 8)) * layout.hosts * 8
     cache = jax.device_put(model.init_cache(b, cache_len),
                            NamedSharding(mesh, PartitionSpec(None, "sequence")))
     graphdef, state = nnx.split(model)
-    layouts = []
-
-    def run(state, tokens, cache):  # one compiled program: eager shard_maps are ~4x slower
-        hidden, _, used = apb_prefill(
-            nnx.merge(graphdef, state), tokens, cache, mesh=mesh, axis="sequence",
-            method=method, anchor_len=layout.anchor_len, passing_len=layout.passing_len,
-            query_len=layout.query_len, query_offset=layout.query_offset, scorer=scorer,
-            impl=impl, return_hidden=True)
-        layouts.append(used)
-        return hidden
-
-    hidden = jax.jit(run)(state, tokens, cache)
+    settings = (method, layout.anchor_len, layout.passing_len, layout.query_len,
+                layout.query_offset, tuple(tokens.shape), cache_len)
+    run, layouts = _compiled_prefill(graphdef, mesh, settings, scorer, impl)
+    hidden = run(state, tokens, cache)
     used = layouts[0]
     if not np.array_equal(used.source_index(), layout.source_index()) or (
             used.passing_len != layout.passing_len):
         raise ConfigError(f"apb_prefill laid the prompt out as {used}, not as {layout}")
     return hidden
+
+
+_PREFILLS: dict[Any, tuple[Any, list]] = {}
+
+
+def _compiled_prefill(graphdef: Any, mesh: Mesh, settings: tuple, scorer: Any, impl: Any
+                      ) -> tuple[Any, list]:
+    """One jitted APB prefill per model, mesh, layout setting and shape (in ``settings``),
+    scorer and implementation (a study runs many windows of one shape: compiled once, not per
+    window; eager shard_maps would be ~4x slower still), and the list its one trace appends
+    the layout to."""
+    key = (graphdef, mesh, settings, scorer, impl)
+    if key not in _PREFILLS:
+        from cpmjax.generate.prefill import apb_prefill
+
+        method, anchor_len, passing_len, query_len, query_offset = settings[:5]
+        layouts: list = []
+
+        def run(state, tokens, cache):
+            hidden, _, used = apb_prefill(
+                nnx.merge(graphdef, state), tokens, cache, mesh=mesh, axis="sequence",
+                method=method, anchor_len=anchor_len, passing_len=passing_len,
+                query_len=query_len, query_offset=query_offset, scorer=scorer, impl=impl,
+                return_hidden=True)
+            layouts.append(used)
+            return hidden
+
+        _PREFILLS[key] = (jax.jit(run), layouts)
+    return _PREFILLS[key]
+
