@@ -32,6 +32,7 @@ _PLUGINS = [
     ("cpmjax.generate.cli", "register"),
     ("cpmjax.launch", "register"),
     ("cpmjax.tools.cli", "register"),
+    ("cpmjax.scaling.cli", "register"),
 ]
 
 

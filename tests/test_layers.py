@@ -156,7 +156,7 @@ LOW = {"cpmjax.errors", "cpmjax.report", "cpmjax.timing", "cpmjax.tokenizer",
        "cpmjax.safetensors_io", "cpmjax.ops", "cpmjax.attention_backends", "cpmjax.models",
        "cpmjax.hf", "cpmjax.distributed", "cpmjax.launch"}
 FEATURES = {"cpmjax.delta", "cpmjax.train", "cpmjax.generate", "cpmjax.evals",
-            "cpmjax.tools", "cpmjax.compress"}
+            "cpmjax.tools", "cpmjax.compress", "cpmjax.scaling", "cpmjax.fusion"}
 
 
 def _level(module: str) -> int:
@@ -190,7 +190,12 @@ def test_features_import_each_other_one_way():
     allowed = {("cpmjax.generate", "cpmjax.train"), ("cpmjax.train", "cpmjax.delta"),
                ("cpmjax.evals", "cpmjax.generate"), ("cpmjax.evals", "cpmjax.train"),
                ("cpmjax.tools", "cpmjax.generate"), ("cpmjax.compress", "cpmjax.delta"),
-               ("cpmjax.train", "cpmjax.compress")}
+               ("cpmjax.train", "cpmjax.compress"),
+               ("cpmjax.tools", "cpmjax.train"),
+               ("cpmjax.scaling", "cpmjax.train"), ("cpmjax.scaling", "cpmjax.generate"),
+               ("cpmjax.scaling", "cpmjax.evals"), ("cpmjax.scaling", "cpmjax.compress"),
+               ("cpmjax.fusion", "cpmjax.train"), ("cpmjax.fusion", "cpmjax.generate"),
+               ("cpmjax.fusion", "cpmjax.delta")}
     graph = _graph()
     seen = set()
     for module, targets in graph.items():

@@ -1,0 +1,1 @@
+"""UltraFuser: token-level fusion of specialists that share a tokenizer (see docs/fusion.md)."""
