@@ -20,10 +20,12 @@ __all__ = [
     "CpmjaxError",
     "DeltaError",
     "EmptyPromptError",
+    "FitError",
     "InputError",
     "MissingPathError",
     "MissingTensorError",
     "NonFiniteLossError",
+    "OutOfRangeError",
     "PromptTooLongError",
     "QuantizedCheckpointError",
     "ShapeMismatchError",
@@ -141,3 +143,13 @@ class ToolArgumentsError(ToolError, ValueError):
 
 class ToolExecutionError(ToolError, RuntimeError):
     """The tool ran and failed: it raised, timed out, ran out of memory, printed too much."""
+
+
+class FitError(CpmjaxError, ValueError):
+    """A scaling-law fit cannot use its data (fewer points than parameters, non-positive sizes,
+    non-finite values, unsorted or duplicate dates) or found no solution (``cpmjax.scaling``)."""
+
+
+class OutOfRangeError(FitError):
+    """A value lies outside what a fitted law can invert: a score outside a sigmoid's reachable
+    range, or a loss at or below a loss law's floor at the given token budget."""
