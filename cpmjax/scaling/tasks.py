@@ -142,7 +142,9 @@ class KVRetrievalTask(Task):
 
 
 _WORDS = ("a", "ab", "abc", "cat", "dog", "sun", "tree", "jax", "code", "list", "word", "data",
-          "moon", "star", "fish", "blue", "red", "tea", "map", "key")
+          "moon", "star", "fish", "blue", "red", "tea", "map", "key", "box", "cup", "pen",
+          "ink", "owl", "fox", "hat", "egg", "sky", "sea", "rain", "snow", "leaf", "rock",
+          "bird", "lamp", "door", "ship", "gold", "wind")
 
 
 def _expression(rng: random.Random) -> str:
@@ -150,7 +152,7 @@ def _expression(rng: random.Random) -> str:
     (a comprehension, slicing with a step)."""
     w = rng.choice(_WORDS)
     w2 = rng.choice(_WORDS)
-    a, b, c = rng.randint(0, 9), rng.randint(1, 9), rng.randint(0, 9)
+    a, b, c = rng.randint(0, 19), rng.randint(1, 9), rng.randint(0, 19)
     templates: list[Callable[[], str]] = [
         lambda: f"{a}+{b}",
         lambda: f"{a}*{b}",
@@ -162,9 +164,15 @@ def _expression(rng: random.Random) -> str:
         lambda: f"'{w}'*{min(b, 3)}",
         lambda: f"max({a}, {b}, {c})",
         lambda: f"min({a}, {b}, {c})",
-        lambda: f"{a + 10 * c}//{b}",
-        lambda: f"{a + 10 * c}%{b}",
+        lambda: f"{a + 5 * c}//{b}",
+        lambda: f"{a + 5 * c}%{b}",
+        lambda: f"'{w}'.count('{w2[0]}')",
+        lambda: f"'{w}'.find('{w2[0]}')",
+        lambda: f"len('{w}'+'{w2}')",
+        lambda: f"'{w}' in '{w2}{w}'",
         lambda: f"[x*{b} for x in range({min(a, 4)})]",
+        lambda: f"[x+{b} for x in [{a}, {c}]]",
+        lambda: f"'{w}'[:{min(b, 4)}]",
         lambda: f"sorted([{a}, {b}, {c}])",
         lambda: f"'{w}'[{min(b, len(w)) - 1}]",
         lambda: f"{a}+{b}*{c}",
