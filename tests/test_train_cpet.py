@@ -85,6 +85,23 @@ def test_teacher_bit_identical_after_steps_and_student_moves():
     assert any(not np.array_equal(student_after[k], v) for k, v in student_before.items())
 
 
+def test_hidden_mse_counts_rows_that_continue_a_document():
+    """A packed row that starts inside a document has segment id 0 everywhere (no BOS in it):
+    its positions are real tokens and must be distilled (the MSE once masked them all out)."""
+    from cpmjax.train.distill import distill_loss_fn
+
+    _, _, tgraph, tstate, spec = distill_setup(1.0)
+    student, teacher = tiny(), nnx.merge(tgraph, tstate)
+    batch = {**batch_of(), "segment_ids": jnp.zeros(IDS.shape, jnp.int32)}
+    _, aux = distill_loss_fn(student, teacher, batch, spec, chunk=12, remat=False)
+    _, s_outs = layer_outputs(student, batch)
+    _, t_outs = layer_outputs(teacher, batch)
+    ref = np.mean([np.mean((np.asarray(s_outs[i], np.float64) - np.asarray(t_outs[i])) ** 2)
+                   for i in spec.layers])
+    assert ref > 0
+    np.testing.assert_allclose(float(aux["hidden_mse"]), ref, rtol=1e-5)
+
+
 def test_zero_weight_is_plain_cross_entropy_and_positive_weight_changes_gradients():
     from cpmjax.train.distill import distill_loss_fn
 

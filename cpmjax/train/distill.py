@@ -63,22 +63,18 @@ class Distill:
 def distill_loss_fn(model: CausalLM, teacher: CausalLM, batch: dict[str, jax.Array],
                     spec: Distill, chunk: int, remat: bool = True
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Cross-entropy + λ · mean over ``spec.layers`` of the token-masked MSE of hidden states;
+    """Cross-entropy + λ · mean over ``spec.layers`` of the MSE of hidden states over every position;
     ``aux`` adds ``ce`` and ``hidden_mse``. With λ = 0 the loss is the plain cross-entropy."""
     hidden, outs = layer_outputs(model, batch)
     ce, aux = chunked_cross_entropy(hidden, model.head_weight(), batch["targets"],
                                     batch["loss_mask"], chunk_size=chunk, remat=remat)
     _, teacher_outs = layer_outputs(teacher, batch)
-    mask = batch["segment_ids"] > 0 if "segment_ids" in batch else None
+    # every position: the teacher reads the same packed tokens (segment id 0 is a real segment,
+    # the continuation of a document that began in an earlier row, not padding)
     terms = []
     for i in spec.layers:
         t = jax.lax.stop_gradient(teacher_outs[i]).astype(jnp.float32)
-        sq = jnp.mean(jnp.square(outs[i].astype(jnp.float32) - t), axis=-1)
-        if mask is None:
-            terms.append(jnp.mean(sq))
-        else:
-            m = mask.astype(jnp.float32)
-            terms.append(jnp.sum(sq * m) / jnp.maximum(jnp.sum(m), 1.0))
+        terms.append(jnp.mean(jnp.square(outs[i].astype(jnp.float32) - t)))
     mse = jnp.mean(jnp.stack(terms))
     loss = ce + spec.weight * mse if spec.weight else ce
     return loss, {**aux, "ce": ce, "hidden_mse": mse}
