@@ -32,7 +32,8 @@ _EXPORTS = {
     # densing.py: the Densing Law
     "conditional_loss": "densing", "fit_loss_law": "densing", "LossLaw": "densing",
     "fit_score_law": "densing", "ScoreLaw": "densing", "effective_params": "densing",
-    "density": "densing", "fit_density_trend": "densing", "DensityTrend": "densing",
+    "density": "densing", "DensityEstimate": "densing", "fit_density_trend": "densing",
+    "DensityTrend": "densing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,768 @@
+"""The Densing Law: a model's capacity density against a reference family.
+
+Two fitted laws carry a downstream score back to a parameter count (Xiao et al., "Densing Law of
+LLMs", 2024):
+
+1. the loss law of the reference family, ``L(N, D) = a·N^-α + b·D^-β`` (``N`` non-embedding
+   parameters, ``D`` training tokens, ``L`` a loss: the conditional loss on a task's answers, or
+   a held-out language-model loss), fitted by :func:`fit_loss_law`;
+2. the score law, ``S(L) = c / (1 + exp(-γ (L - l))) + d``, fitted by :func:`fit_score_law` on
+   the same family's (loss, score) pairs.
+
+A model scoring ``S`` then has the effective size ``N̂ = L⁻¹(S⁻¹(S), D)`` (the size a reference
+model trained on ``D`` tokens would need to score ``S``, :func:`effective_params`) and the
+capacity density ``ρ = N̂ / N`` (:func:`density`). The density of the best models over time
+follows ``ln ρ = A·t + B`` (:func:`fit_density_trend`; the paper finds ``A ≈ 0.0073`` per day,
+a doubling every ``ln 2 / A ≈ 95`` days).
+
+Uncertainty: each fit reports the covariance of its parameters from the Jacobian at the optimum
+(``s² (JᵀJ)⁻¹``, ``s²`` the residual variance), in the parametrisation it is fitted in (``log a,
+α, log b, β`` and ``log c, γ, l, d``, so sampled sizes and amplitudes stay positive).
+:func:`density` propagates both covariances (and, if given, the score's own standard error) by a
+parametric bootstrap: it draws parameter sets from the two Gaussians, inverts each, and reports
+the percentile interval of ``N̂``. A draw whose score the sampled sigmoid cannot reach counts as
+``N̂ = 0`` (score below what any loss gives) or ``N̂ = ∞`` (score beyond the loss law's floor),
+so an interval may be one-sided (an explicit bound), never NaN. The interval is as good as the
+Gaussian (linearised) picture of the fits: tests check its coverage on synthetic families.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from cpmjax.errors import (
+    EmptyPromptError,
+    FitError,
+    InputError,
+    OutOfRangeError,
+    PromptTooLongError,
+)
+
+__all__ = [
+    "DensityEstimate",
+    "DensityTrend",
+    "LossLaw",
+    "ScoreLaw",
+    "conditional_loss",
+    "density",
+    "effective_params",
+    "fit_density_trend",
+    "fit_loss_law",
+    "fit_score_law",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# conditional loss
+
+
+def _example_pair(example: Any, index: int) -> tuple[Any, Any]:
+    if hasattr(example, "prompt") and hasattr(example, "answer"):
+        return example.prompt, example.answer
+    if isinstance(example, (tuple, list)) and len(example) == 2:
+        return example[0], example[1]
+    raise InputError(f"examples[{index}] is neither an object with .prompt/.answer nor a "
+                     f"(prompt, answer) pair: {example!r:.80}")
+
+
+def _token_ids(text_or_ids: Any, tokenizer: Any, *, special: bool, what: str) -> list[int]:
+    if isinstance(text_or_ids, str):
+        if tokenizer is None:
+            raise InputError(f"{what} is text but no tokenizer was given")
+        return list(tokenizer(text_or_ids, add_special_tokens=special)["input_ids"])
+    try:
+        return [int(t) for t in text_or_ids]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} is neither text nor a sequence of token ids") from exc
+
+
+def _tokenize_examples(examples: Iterable[Any], tokenizer: Any, vocab_size: int,
+                       max_len: int) -> list[tuple[list[int], int]]:
+    """``(prompt + answer ids, prompt length)`` per example. Text prompts are encoded with the
+    tokenizer's special tokens (BOS), answers without, and the two are concatenated: the answer
+    is scored as the continuation the tokenizer would give it on its own."""
+    rows = []
+    for i, example in enumerate(examples):
+        prompt, answer = _example_pair(example, i)
+        prompt_ids = _token_ids(prompt, tokenizer, special=True, what=f"examples[{i}].prompt")
+        answer_ids = _token_ids(answer, tokenizer, special=False, what=f"examples[{i}].answer")
+        if not prompt_ids:
+            raise EmptyPromptError(f"examples[{i}].prompt has no tokens (a token must precede "
+                                   "the answer to condition on)")
+        if not answer_ids:
+            raise InputError(f"examples[{i}].answer has no tokens")
+        ids = prompt_ids + answer_ids
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            from cpmjax.errors import TokenIdError
+
+            raise TokenIdError(f"examples[{i}] has token id {bad[0]} outside the vocabulary "
+                               f"[0, {vocab_size})")
+        if len(ids) - 1 > max_len:
+            raise PromptTooLongError(f"examples[{i}]: prompt + answer is {len(ids)} tokens, more "
+                                     f"than max_position_embeddings + 1 = {max_len + 1}")
+        rows.append((ids, len(prompt_ids)))
+    if not rows:
+        raise InputError("examples is empty")
+    return rows
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_loss_fn(graphdef: Any, chunk: int) -> Any:
+    """The jitted ``(state, inputs, targets, mask) -> (loss sum, answer tokens)`` of one model
+    structure; cached so that repeated calls on one model (or models of one shape) compile once
+    per batch shape."""
+    import jax
+    from flax import nnx
+
+    from cpmjax.train import chunked_cross_entropy
+
+    @jax.jit
+    def batch_loss(state, inputs, targets, mask):
+        m = nnx.merge(graphdef, state)
+        hidden = m(inputs, return_hidden=True)
+        loss, aux = chunked_cross_entropy(hidden, m.head_weight(), targets, mask,
+                                          chunk_size=chunk, remat=False)
+        return loss * aux["tokens"], aux["tokens"]
+
+    return batch_loss
+
+
+def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
+                     batch_size: int = 16, chunk: int = 128, bucket: int = 32) -> float:
+    """Mean ``-log P(answer | prompt)`` per answer token, over all answer tokens of ``examples``.
+
+    ``examples``: objects with ``.prompt`` / ``.answer`` (``cpmjax.scaling.Instance``) or
+    ``(prompt, answer)`` pairs, each text (encoded by ``tokenizer``; the prompt with its special
+    tokens, the answer without) or a sequence of token ids (then ``tokenizer`` may be ``None``).
+    Rows are right-padded to a multiple of ``bucket`` and run ``batch_size`` at a time through
+    one jitted forward per shape; the loss is ``cpmjax.train.chunked_cross_entropy``, which never
+    builds more than ``[batch, chunk, vocab]`` logits at once, in float32. The mean weights every
+    answer token equally (a long answer counts more than a short one)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if batch_size < 1 or chunk < 1 or bucket < 1:
+        raise InputError(f"batch_size={batch_size}, chunk={chunk}, bucket={bucket}: each must be "
+                         "a positive integer")
+    config = model.config
+    rows = _tokenize_examples(examples, tokenizer, config.vocab_size,
+                              config.max_position_embeddings)
+    graphdef, state = nnx.split(model)
+    batch_loss = _batch_loss_fn(graphdef, int(chunk))
+    total, count = 0.0, 0.0
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        longest = max(len(ids) - 1 for ids, _ in part)
+        width = min(-(-longest // bucket) * bucket, config.max_position_embeddings)
+        width = max(width, longest)
+        inputs = np.zeros((batch_size, width), np.int32)
+        targets = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), np.float32)
+        for r, (ids, prompt_len) in enumerate(part):
+            n = len(ids) - 1
+            inputs[r, :n] = ids[:-1]
+            targets[r, :n] = ids[1:]
+            mask[r, prompt_len - 1:n] = 1.0  # targets that are answer tokens
+        loss_sum, tokens = batch_loss(state, jnp.asarray(inputs), jnp.asarray(targets),
+                                      jnp.asarray(mask))
+        total += float(loss_sum)
+        count += float(tokens)
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------
+# shared fitting helpers
+
+
+def _as_positive_array(values: Any, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        i = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise FitError(f"{name}[{i}] = {arr[i]} is not finite")
+    if np.any(arr <= 0):
+        i = int(np.flatnonzero(arr <= 0)[0])
+        raise FitError(f"{name}[{i}] = {arr[i]} is not positive")
+    return arr
+
+
+def _as_finite_array(values: Any, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        i = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise FitError(f"{name}[{i}] = {arr[i]} is not finite")
+    return arr
+
+
+def _check_lengths(law_size: int, **arrays: np.ndarray) -> int:
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        raise FitError(f"the inputs differ in length: {lengths}")
+    n = next(iter(lengths.values()))
+    if n < law_size:
+        raise FitError(f"{n} points for a law of {law_size} parameters: "
+                       f"{', '.join(arrays)} need at least {law_size} points")
+    return n
+
+
+def _covariance(jac: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """``s² (JᵀJ)⁻¹`` at the optimum; infinite where the data leave no residual degrees of
+    freedom or a direction is not identified."""
+    n, p = jac.shape
+    dof = n - p
+    if dof <= 0:
+        return np.full((p, p), np.inf)
+    s2 = float(residuals @ residuals) / dof
+    jtj = jac.T @ jac
+    if np.linalg.matrix_rank(jtj) < p:
+        return np.full((p, p), np.inf)
+    return s2 * np.linalg.inv(jtj)
+
+
+def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
+    ss_res = float(np.sum((observed - predicted) ** 2))
+    ss_tot = float(np.sum((observed - observed.mean()) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+
+
+def _finite_covariance(cov: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(cov)))
+
+
+# --------------------------------------------------------------------------------------------
+# step 1: the loss law
+
+
+@dataclasses.dataclass(frozen=True)
+class LossLaw:
+    """``L(N, D) = a·N^-α + b·D^-β``. ``covariance`` is over ``(log a, α, log b, β)``;
+    ``stderr`` holds the standard errors of ``a, alpha, b, beta`` (delta method for ``a``, ``b``;
+    infinite where the data do not determine them). ``r2`` is on the losses themselves."""
+
+    a: float
+    alpha: float
+    b: float
+    beta: float
+    r2: float
+    covariance: np.ndarray
+    stderr: dict[str, float]
+    n_points: int
+
+    def predict(self, n_params: Any, n_tokens: Any) -> Any:
+        """The law's loss at ``n_params`` and ``n_tokens`` (scalars or broadcastable arrays)."""
+        n = np.asarray(n_params, dtype=np.float64)
+        d = np.asarray(n_tokens, dtype=np.float64)
+        out = self.a * n ** -self.alpha + self.b * d ** -self.beta
+        return float(out) if out.ndim == 0 else out
+
+    def floor(self, n_tokens: float) -> float:
+        """The loss an infinitely large model reaches on ``n_tokens``: ``b·D^-β``."""
+        return float(self.b * float(n_tokens) ** -self.beta)
+
+    def inverse_params(self, loss: float, n_tokens: float, *, bound: bool = False) -> float:
+        """The ``N`` with ``L(N, n_tokens) = loss``: ``(a / (loss - b·D^-β))^(1/α)``. A loss at or
+        below the floor raises :class:`OutOfRangeError` (with ``bound=True``: returns ``inf``,
+        the bound "larger than any size")."""
+        n_tokens = float(_as_positive_array([n_tokens], "n_tokens")[0])
+        loss = float(loss)
+        if math.isnan(loss):
+            raise OutOfRangeError("loss is NaN")
+        excess = loss - self.floor(n_tokens)
+        if loss == math.inf:
+            return 0.0
+        if excess <= 0:
+            if bound:
+                return math.inf
+            raise OutOfRangeError(
+                f"loss {loss:.6g} is at or below the loss law's floor b·D^-β = "
+                f"{self.floor(n_tokens):.6g} at n_tokens={n_tokens:.6g}: no finite size reaches it")
+        return float((self.a / excess) ** (1.0 / self.alpha))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "alpha": self.alpha, "b": self.b, "beta": self.beta, "r2": self.r2,
+                "stderr": dict(self.stderr), "n_points": self.n_points,
+                "covariance_log_a_alpha_log_b_beta": self.covariance.tolist()}
+
+
+def _loss_law_residuals(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray,
+                        log_loss: np.ndarray) -> np.ndarray:
+    log_a, alpha, log_b, beta = theta
+    pred = np.exp(log_a - alpha * log_n) + np.exp(log_b - beta * log_d)
+    return np.log(pred) - log_loss
+
+
+def _loss_law_jacobian(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray,
+                       log_loss: np.ndarray) -> np.ndarray:
+    log_a, alpha, log_b, beta = theta
+    t1 = np.exp(log_a - alpha * log_n)
+    t2 = np.exp(log_b - beta * log_d)
+    pred = t1 + t2
+    return np.stack([t1 / pred, -log_n * t1 / pred, t2 / pred, -log_d * t2 / pred], axis=1)
+
+
+def fit_loss_law(n_params: Sequence[float], n_tokens: Sequence[float], loss: Sequence[float], *,
+                 exponent_starts: Sequence[float] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0),
+                 max_exponent: float = 5.0) -> LossLaw:
+    """Fit ``L = a·N^-α + b·D^-β`` to a family's ``(N, D, L)`` points.
+
+    Least squares on ``log L`` (relative errors: small and large models weigh alike) over
+    ``(log a, α, log b, β)`` with ``0 < α, β ≤ max_exponent``, by scipy's trust-region
+    reflective solver. It starts from every pair in ``exponent_starts``: for fixed exponents the
+    law is linear in ``a, b``, which non-negative least squares solves; the five best starts are
+    refined and the lowest cost wins. Needs at least 4 points, 2 distinct sizes and 2 distinct
+    token budgets (else ``b`` and ``β`` — or ``a`` and ``α`` — are not separable)."""
+    from scipy.optimize import least_squares, nnls
+
+    n = _as_positive_array(n_params, "n_params")
+    d = _as_positive_array(n_tokens, "n_tokens")
+    y = _as_positive_array(loss, "loss")
+    count = _check_lengths(4, n_params=n, n_tokens=d, loss=y)
+    if len(np.unique(n)) < 2:
+        raise FitError("n_params has one distinct value: a and α need at least 2 sizes")
+    if len(np.unique(d)) < 2:
+        raise FitError("n_tokens has one distinct value: b and β need at least 2 token budgets")
+    log_n, log_d, log_y = np.log(n), np.log(d), np.log(y)
+    args = (log_n, log_d, log_y)
+
+    starts = []
+    for alpha in exponent_starts:
+        for beta in exponent_starts:
+            # weighted by 1/L so the linear fit approximates the relative (log) error
+            design = np.stack([n ** -alpha / y, d ** -beta / y], axis=1)
+            coef, _ = nnls(design, np.ones_like(y))
+            coef = np.maximum(coef, 1e-12 * np.max(y))
+            theta = np.array([math.log(coef[0]), alpha, math.log(coef[1]), beta])
+            cost = float(np.sum(_loss_law_residuals(theta, *args) ** 2))
+            starts.append((cost, theta))
+    starts.sort(key=lambda s: s[0])
+    lower = [-np.inf, 1e-6, -np.inf, 1e-6]
+    upper = [np.inf, max_exponent, np.inf, max_exponent]
+    best = None
+    for _, theta0 in starts[:5]:
+        theta0 = np.clip(theta0, np.array(lower) + 1e-9, np.array(upper) - 1e-9)
+        res = least_squares(_loss_law_residuals, theta0, jac=_loss_law_jacobian, args=args,
+                            bounds=(lower, upper), method="trf", x_scale="jac",
+                            xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=5000)
+        if best is None or res.cost < best.cost:
+            best = res
+    if best is None or not np.all(np.isfinite(best.x)):
+        raise FitError("the loss-law fit found no finite solution")
+    theta = best.x
+    cov = _covariance(_loss_law_jacobian(theta, *args), best.fun)
+    a, alpha, b, beta = math.exp(theta[0]), float(theta[1]), math.exp(theta[2]), float(theta[3])
+    se = np.sqrt(np.diag(cov))
+    stderr = {"a": a * se[0], "alpha": float(se[1]), "b": b * se[2], "beta": float(se[3])}
+    pred = np.exp(theta[0] - theta[1] * log_n) + np.exp(theta[2] - theta[3] * log_d)
+    return LossLaw(a=a, alpha=alpha, b=b, beta=beta, r2=_r2(y, pred), covariance=cov,
+                   stderr={k: float(v) for k, v in stderr.items()}, n_points=count)
+
+
+# --------------------------------------------------------------------------------------------
+# step 2: loss -> score
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreLaw:
+    """``S(L) = c / (1 + exp(-γ (L - l))) + d`` with ``c > 0``: ``d`` is one asymptote and
+    ``d + c`` the other (``γ < 0`` when the score falls as the loss grows, the usual case).
+    ``covariance`` is over ``(log c, γ, l, d)``; ``stderr`` over ``c, gamma, l, d``."""
+
+    c: float
+    gamma: float
+    l: float  # noqa: E741 (the paper's name)
+    d: float
+    r2: float
+    covariance: np.ndarray
+    stderr: dict[str, float]
+    n_points: int
+
+    def predict(self, loss: Any) -> Any:
+        """The law's score at ``loss`` (scalar or array)."""
+        x = np.asarray(loss, dtype=np.float64)
+        out = self.c * _expit(self.gamma * (x - self.l)) + self.d
+        return float(out) if out.ndim == 0 else out
+
+    @property
+    def reachable(self) -> tuple[float, float]:
+        """The open interval of scores the sigmoid takes: ``(d, d + c)``."""
+        return (self.d, self.d + self.c)
+
+    def inverse(self, score: float, *, bound: bool = False) -> float:
+        """The loss with ``S(L) = score``: ``l - ln(c / (score - d) - 1) / γ``. A score outside
+        ``(d, d + c)`` raises :class:`OutOfRangeError`; with ``bound=True`` it returns the
+        limiting loss instead (``-inf`` or ``+inf``, whichever end the score lies beyond)."""
+        loss = _sigmoid_inverse(np.asarray([float(score)]), self.c, self.gamma, self.l, self.d)[0]
+        if not np.isfinite(loss) and not bound:
+            lo, hi = self.reachable
+            raise OutOfRangeError(f"score {score!r} is outside the score law's reachable range "
+                                  f"({lo:.6g}, {hi:.6g})")
+        return float(loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"c": self.c, "gamma": self.gamma, "l": self.l, "d": self.d, "r2": self.r2,
+                "stderr": dict(self.stderr), "n_points": self.n_points,
+                "covariance_log_c_gamma_l_d": self.covariance.tolist()}
+
+
+def _expit(x: np.ndarray) -> np.ndarray:
+    from scipy.special import expit
+
+    return expit(x)
+
+
+def _sigmoid_inverse(score: np.ndarray, c: Any, gamma: Any, l: Any, d: Any) -> np.ndarray:  # noqa: E741
+    """Vectorised inverse; a score outside ``(d, d + c)`` maps to the loss limit beyond which it
+    lies (``±inf``), never NaN. Arrays broadcast."""
+    score, c, gamma, l, d = np.broadcast_arrays(*(np.asarray(v, np.float64)  # noqa: E741
+                                                  for v in (score, c, gamma, l, d)))
+    frac = (score - d) / c  # in (0, 1) when reachable
+    out = np.empty(score.shape, np.float64)
+    inside = (frac > 0) & (frac < 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logit = np.log(frac[inside]) - np.log1p(-frac[inside])
+        out[inside] = l[inside] + logit / gamma[inside]
+    # frac >= 1: beyond the upper asymptote d + c, reached as γ(L - l) -> +inf
+    # frac <= 0: beyond the lower asymptote d, reached as γ(L - l) -> -inf
+    sign = np.where(frac >= 1, 1.0, -1.0) * np.where(gamma < 0, -1.0, 1.0)
+    out[~inside] = sign[~inside] * np.inf
+    return out
+
+
+def _score_model(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+    log_c, gamma, l, d = theta  # noqa: E741
+    return math.exp(log_c) * _expit(gamma * (x - l)) + d
+
+
+def _score_residuals(theta, x, y):
+    return _score_model(theta, x) - y
+
+
+def _score_jacobian(theta, x, y):
+    log_c, gamma, l, d = theta  # noqa: E741
+    c = math.exp(log_c)
+    s = _expit(gamma * (x - l))
+    ds = s * (1 - s)
+    return np.stack([c * s, c * ds * (x - l), -c * ds * gamma, np.ones_like(x)], axis=1)
+
+
+def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
+                  slope_starts: Sequence[float] = (2.0, 5.0, 10.0, 20.0),
+                  midpoint_starts: Sequence[float] = (0.2, 0.35, 0.5, 0.65, 0.8)) -> ScoreLaw:
+    """Fit ``S = c / (1 + exp(-γ (L - l))) + d`` to a family's ``(loss, score)`` pairs.
+
+    Least squares on the scores over ``(log c, γ, l, d)`` (``c > 0`` fixes the sigmoid's two
+    mirror-image parametrisations). Starts: ``d`` at the lowest score, ``c`` the score range,
+    ``l`` at each quantile in ``midpoint_starts`` of the losses, ``γ = ±k / (loss range)`` for
+    ``k`` in ``slope_starts`` and both signs; each is refined and the lowest cost wins. Needs at
+    least 4 points and 2 distinct losses and scores."""
+    from scipy.optimize import least_squares
+
+    x = _as_finite_array(loss, "loss")
+    y = _as_finite_array(score, "score")
+    count = _check_lengths(4, loss=x, score=y)
+    if np.ptp(x) == 0:
+        raise FitError("loss has one distinct value: a sigmoid of the loss needs at least 2")
+    if np.ptp(y) == 0:
+        raise FitError("score has one distinct value: the sigmoid's amplitude c is undetermined")
+    span = float(np.ptp(x))
+    c0, d0 = float(np.ptp(y)), float(np.min(y))
+    best = None
+    for q in midpoint_starts:
+        l0 = float(np.quantile(x, q))
+        for k in slope_starts:
+            for sign in (-1.0, 1.0):
+                theta0 = np.array([math.log(c0), sign * k / span, l0, d0])
+                res = least_squares(_score_residuals, theta0, jac=_score_jacobian, args=(x, y),
+                                    method="lm", xtol=1e-14, ftol=1e-14, gtol=1e-14,
+                                    max_nfev=4000)
+                if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
+                    best = res
+    if best is None:
+        raise FitError("the score-law fit found no finite solution")
+    theta = best.x
+    cov = _covariance(_score_jacobian(theta, x, y), best.fun)
+    se = np.sqrt(np.diag(cov))
+    c = math.exp(theta[0])
+    return ScoreLaw(c=c, gamma=float(theta[1]), l=float(theta[2]), d=float(theta[3]),
+                    r2=_r2(y, _score_model(theta, x)), covariance=cov,
+                    stderr={"c": float(c * se[0]), "gamma": float(se[1]), "l": float(se[2]),
+                            "d": float(se[3])},
+                    n_points=count)
+
+
+# --------------------------------------------------------------------------------------------
+# effective size and density
+
+
+def _effective_params_vec(score: np.ndarray, loss_theta: np.ndarray, score_theta: np.ndarray,
+                          n_tokens: float) -> np.ndarray:
+    """``N̂`` for arrays of scores and parameter sets (rows ``(log a, α, log b, β)`` and
+    ``(log c, γ, l, d)``); ``0`` or ``inf`` where a score lies beyond a law's range."""
+    log_a, alpha, log_b, beta = (loss_theta[..., i] for i in range(4))
+    log_c, gamma, l, d = (score_theta[..., i] for i in range(4))  # noqa: E741
+    loss = _sigmoid_inverse(score, np.exp(log_c), gamma, l, d)
+    excess = loss - np.exp(log_b - beta * math.log(n_tokens))
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        n_hat = np.exp((log_a - np.log(np.where(excess > 0, excess, 1.0))) / alpha)
+    n_hat = np.where(excess <= 0, np.inf, n_hat)
+    return np.where(np.isposinf(loss), 0.0, n_hat)
+
+
+def effective_params(score: float, loss_law: LossLaw, score_law: ScoreLaw, n_tokens: float, *,
+                     bound: bool = False) -> float:
+    """The effective parameter size ``N̂``: the non-embedding size a reference model trained on
+    ``n_tokens`` tokens would need to reach ``score`` (score -> loss by the score law's inverse,
+    loss -> size by the loss law's inverse at ``n_tokens``).
+
+    A score the sigmoid cannot reach, or one whose loss lies at or below the loss law's floor
+    ``b·D^-β``, raises :class:`OutOfRangeError`; with ``bound=True`` the explicit bound is
+    returned instead: ``0.0`` (worse than any size gives) or ``inf`` (better than any size)."""
+    n_tokens = float(_as_positive_array([n_tokens], "n_tokens")[0])
+    score = float(score)
+    if not math.isfinite(score):
+        raise OutOfRangeError(f"score {score!r} is not finite")
+    loss = score_law.inverse(score, bound=bound)
+    return loss_law.inverse_params(loss, n_tokens, bound=bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class DensityEstimate:
+    """``density = effective_params / n_params`` with percentile intervals from the parametric
+    bootstrap (``level``, ``samples`` draws). ``bounded_draws`` is the fraction of draws whose
+    score lay beyond a sampled law's range (counted as ``N̂ = 0`` or ``inf``); ``inf`` in an
+    interval is the bound "larger than any finite size"."""
+
+    score: float
+    loss: float
+    n_params: float
+    n_tokens: float
+    effective_params: float
+    density: float
+    effective_params_interval: tuple[float, float] | None
+    density_interval: tuple[float, float] | None
+    level: float
+    samples: int
+    bounded_draws: float
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v):
+            if isinstance(v, tuple):
+                return [clean(x) for x in v]
+            return None if isinstance(v, float) and math.isinf(v) else v
+
+        return {k: clean(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _theta_loss(law: LossLaw) -> np.ndarray:
+    return np.array([math.log(law.a), law.alpha, math.log(law.b), law.beta])
+
+
+def _theta_score(law: ScoreLaw) -> np.ndarray:
+    return np.array([math.log(law.c), law.gamma, law.l, law.d])
+
+
+def _draw(mean: np.ndarray, cov: np.ndarray, samples: int, rng: np.random.Generator
+          ) -> np.ndarray:
+    # symmetric square root (eigh) tolerates a positive semi-definite covariance
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+    root = vecs * np.sqrt(np.clip(vals, 0, None))
+    return mean + rng.standard_normal((samples, len(mean))) @ root.T
+
+
+def density(score: float, n_params: float, loss_law: LossLaw, score_law: ScoreLaw,
+            n_tokens: float, *, score_stderr: float = 0.0, level: float = 0.95,
+            samples: int = 4000, seed: int = 0, bound: bool = False) -> DensityEstimate:
+    """Capacity density ``ρ = N̂ / N`` of a model with ``n_params`` non-embedding parameters that
+    scores ``score``, against the reference family's laws at ``n_tokens`` training tokens.
+
+    The point estimate inverts the fitted laws (:func:`effective_params`; out-of-range scores
+    raise :class:`OutOfRangeError` unless ``bound=True``). The interval is a parametric
+    bootstrap: ``samples`` draws of both laws' parameters from their fitted Gaussians (and of the
+    score from ``N(score, score_stderr²)``), each inverted; the ``level`` percentile interval of
+    the draws (no interpolation, so an unbounded end stays ``inf``). ``None`` when a fit had no
+    residual degrees of freedom (its covariance is infinite)."""
+    n_params = float(_as_positive_array([n_params], "n_params")[0])
+    n_tokens = float(_as_positive_array([n_tokens], "n_tokens")[0])
+    if not 0 < level < 1:
+        raise FitError(f"level={level} must lie in (0, 1)")
+    if samples < 1:
+        raise FitError(f"samples={samples} must be positive")
+    if not (math.isfinite(score_stderr) and score_stderr >= 0):
+        raise FitError(f"score_stderr={score_stderr} must be finite and non-negative")
+    n_hat = effective_params(score, loss_law, score_law, n_tokens, bound=bound)
+    loss = score_law.inverse(score, bound=True)
+    interval = None
+    bounded = 0.0
+    if _finite_covariance(loss_law.covariance) and _finite_covariance(score_law.covariance):
+        rng = np.random.default_rng(seed)
+        loss_draws = _draw(_theta_loss(loss_law), loss_law.covariance, samples, rng)
+        score_draws = _draw(_theta_score(score_law), score_law.covariance, samples, rng)
+        scores = score + score_stderr * rng.standard_normal(samples)
+        loss_draws[:, 1] = np.maximum(loss_draws[:, 1], 1e-9)  # α > 0 in every draw
+        draws = _effective_params_vec(scores, loss_draws, score_draws, n_tokens)
+        bounded = float(np.mean((draws == 0) | np.isinf(draws)))
+        tail = (1 - level) / 2
+        lo, hi = np.quantile(draws, [tail, 1 - tail], method="inverted_cdf")
+        interval = (float(lo), float(hi))
+    return DensityEstimate(
+        score=float(score), loss=float(loss), n_params=n_params, n_tokens=n_tokens,
+        effective_params=n_hat, density=n_hat / n_params,
+        effective_params_interval=interval,
+        density_interval=None if interval is None else (interval[0] / n_params,
+                                                        interval[1] / n_params),
+        level=level, samples=samples, bounded_draws=bounded)
+
+
+# --------------------------------------------------------------------------------------------
+# density over time
+
+
+def _as_day(value: Any, index: int) -> float:
+    """Days since 1970-01-01 of a date, datetime, ISO string, or a number of days."""
+    if isinstance(value, _dt.datetime):
+        return value.timestamp() / 86400.0 if value.tzinfo else (
+            (value - _dt.datetime(1970, 1, 1)).total_seconds() / 86400.0)
+    if isinstance(value, _dt.date):
+        return float(value.toordinal() - _dt.date(1970, 1, 1).toordinal())
+    if isinstance(value, str):
+        try:
+            return _as_day(_dt.date.fromisoformat(value.strip()), index)
+        except ValueError:
+            try:
+                return _as_day(_dt.datetime.fromisoformat(value.strip()), index)
+            except ValueError:
+                raise FitError(f"dates[{index}] = {value!r} is not an ISO date (YYYY-MM-DD)") \
+                    from None
+    if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value):
+        return float(value)
+    raise FitError(f"dates[{index}] = {value!r} is not a date")
+
+
+def _day_to_iso(day: float) -> str:
+    return (_dt.date(1970, 1, 1) + _dt.timedelta(days=float(day))).isoformat()
+
+
+@dataclasses.dataclass(frozen=True)
+class DensityTrend:
+    """``ln ρ = A·t + B`` with ``t`` in days since ``origin`` (the first date). ``doubling_days
+    = ln 2 / A`` (negative: a halving time; ``inf`` for ``A = 0``); ``doubling_interval`` from
+    ``A ± z·se(A)`` at ``level`` (an end is ``inf`` when the interval of ``A`` reaches 0).
+    With a breakpoint, ``pre`` and ``post`` are the fits on each side (dates before it / from
+    it on), ``speedup = post.A / pre.A`` and ``slope_difference_p`` the two-sided p-value of
+    ``A_post = A_pre`` (Welch-style z-test on the two slopes)."""
+
+    A: float
+    B: float
+    r2: float
+    A_stderr: float
+    B_stderr: float
+    doubling_days: float
+    doubling_interval: tuple[float, float]
+    origin: str
+    n_points: int
+    level: float = 0.95
+    breakpoint: str | None = None
+    pre: DensityTrend | None = None
+    post: DensityTrend | None = None
+    speedup: float | None = None
+    slope_difference_p: float | None = None
+
+    def predict(self, dates: Any) -> np.ndarray:
+        """``ρ`` the trend gives on ``dates``."""
+        days = np.array([_as_day(v, i) for i, v in enumerate(np.atleast_1d(dates))])
+        t = days - _as_day(self.origin, 0)
+        return np.exp(self.A * t + self.B)
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v):
+            if isinstance(v, DensityTrend):
+                return v.to_dict()
+            if isinstance(v, tuple):
+                return [clean(x) for x in v]
+            return None if isinstance(v, float) and math.isinf(v) else v
+
+        return {f.name: clean(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _doubling(a: float) -> float:
+    return math.inf if a == 0 else math.log(2) / a
+
+
+def _line_fit(days: np.ndarray, log_rho: np.ndarray, origin: float, level: float
+              ) -> DensityTrend:
+    from scipy import stats
+
+    t = days - origin
+    n = len(t)
+    fit = stats.linregress(t, log_rho)
+    if n > 2:
+        a_se, b_se = float(fit.stderr), float(fit.intercept_stderr)
+        z = float(stats.t.ppf(0.5 + level / 2, n - 2))
+    else:
+        a_se = b_se = math.inf
+        z = math.inf
+    a = float(fit.slope)
+    lo, hi = a - z * a_se, a + z * a_se
+    if lo > 0 or hi < 0:  # the interval of A excludes 0: doubling (or halving) times bracket
+        ends = sorted([_doubling(lo), _doubling(hi)])
+        interval = (ends[0], ends[1])
+    else:
+        interval = (-math.inf, math.inf) if a == 0 else (
+            (_doubling(hi), math.inf) if a > 0 else (-math.inf, _doubling(lo)))
+    r2 = float(fit.rvalue ** 2) if np.ptp(log_rho) > 0 else 1.0
+    return DensityTrend(A=a, B=float(fit.intercept), r2=r2, A_stderr=a_se, B_stderr=b_se,
+                        doubling_days=_doubling(a), doubling_interval=interval,
+                        origin=_day_to_iso(origin), n_points=n, level=level)
+
+
+def fit_density_trend(dates: Sequence[Any], densities: Sequence[float], *,
+                      breakpoint: Any = None, level: float = 0.95) -> DensityTrend:
+    """Fit ``ln ρ = A·t + B`` (ordinary least squares; ``t`` in days since the first date) to
+    dated densities, e.g. the densest model of each release date.
+
+    ``dates``: ``datetime.date`` / ``datetime`` / ISO strings / numbers of days, strictly
+    increasing (an unsorted or repeated date raises :class:`FitError` naming it). With
+    ``breakpoint`` (a date), the points before it and from it on are fitted separately too
+    (each side needs 2 points), as the paper compares the trend before and after ChatGPT."""
+    days = np.array([_as_day(v, i) for i, v in enumerate(dates)], np.float64)
+    rho = _as_positive_array(densities, "densities")
+    _check_lengths(2, dates=days, densities=rho)
+    steps = np.diff(days)
+    if np.any(steps == 0):
+        i = int(np.flatnonzero(steps == 0)[0]) + 1
+        raise FitError(f"dates[{i}] = {dates[i]!r} repeats dates[{i - 1}]: give one point per "
+                       "date (e.g. the densest model of that date)")
+    if np.any(steps < 0):
+        i = int(np.flatnonzero(steps < 0)[0]) + 1
+        raise FitError(f"dates[{i}] = {dates[i]!r} comes before dates[{i - 1}] = "
+                       f"{dates[i - 1]!r}: dates must be sorted")
+    if not 0 < level < 1:
+        raise FitError(f"level={level} must lie in (0, 1)")
+    log_rho = np.log(rho)
+    origin = float(days[0])
+    trend = _line_fit(days, log_rho, origin, level)
+    if breakpoint is None:
+        return trend
+    cut = _as_day(breakpoint, 0)
+    before = days < cut
+    if before.sum() < 2 or (~before).sum() < 2:
+        raise FitError(f"breakpoint {breakpoint!r} leaves {int(before.sum())} point(s) before "
+                       f"and {int((~before).sum())} from it on: each side needs at least 2")
+    pre = _line_fit(days[before], log_rho[before], origin, level)
+    post = _line_fit(days[~before], log_rho[~before], origin, level)
+    speedup = post.A / pre.A if pre.A != 0 else math.inf
+    p_value = None
+    spread = math.hypot(pre.A_stderr, post.A_stderr)
+    if math.isfinite(spread) and spread > 0:
+        from scipy import stats
+
+        p_value = float(2 * stats.norm.sf(abs(post.A - pre.A) / spread))
+    return dataclasses.replace(trend, breakpoint=_day_to_iso(cut), pre=pre, post=post,
+                               speedup=speedup, slope_difference_p=p_value)

@@ -1,0 +1,374 @@
+"""The Densing Law estimator on synthetic ground truth: the two fits recover known parameters,
+score -> N̂ -> score round trips, the bootstrap interval covers the truth at about its level,
+the density trend recovers its slope, bad input raises typed errors; the conditional loss
+equals a direct log-softmax and HF transformers; both CLI commands on a fabricated family."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cpmjax.errors import EmptyPromptError, FitError, InputError, OutOfRangeError
+from cpmjax.scaling import (
+    DensityTrend,
+    LossLaw,
+    ScoreLaw,
+    density,
+    effective_params,
+    fit_density_trend,
+    fit_loss_law,
+    fit_score_law,
+)
+
+# a Chinchilla-like loss law (without its constant) and a sigmoid whose transition the family
+# spans
+LOSS_TRUTH = dict(a=406.4, alpha=0.34, b=410.7, beta=0.28)
+SCORE_TRUTH = dict(c=0.9, gamma=-3.0, l=2.0, d=0.05)
+
+
+def _grid(sizes=6, budgets=4):
+    n = np.repeat(np.geomspace(1e6, 1e9, sizes), budgets)
+    d = np.tile(np.geomspace(1e8, 1e11, budgets), sizes)
+    return n, d
+
+
+def _loss(n, d, a, alpha, b, beta):
+    return a * n ** -alpha + b * d ** -beta
+
+
+def _score(x, c, gamma, l, d):  # noqa: E741
+    return c / (1 + np.exp(-gamma * (x - l))) + d
+
+
+def _family(seed, loss_noise=0.01, score_noise=0.01):
+    rng = np.random.default_rng(seed)
+    n, d = _grid()
+    true_loss = _loss(n, d, **LOSS_TRUTH)
+    loss = true_loss * np.exp(loss_noise * rng.standard_normal(n.shape))
+    score = _score(true_loss, **SCORE_TRUTH) + score_noise * rng.standard_normal(n.shape)
+    return n, d, loss, score, rng
+
+
+def _close(fitted, truth, rtol):
+    for name, value in truth.items():
+        assert getattr(fitted, name) == pytest.approx(value, rel=rtol), name
+
+
+# --- the fits -------------------------------------------------------------------------------
+
+
+def test_loss_law_recovers_parameters():
+    n, d = _grid()
+    exact = fit_loss_law(n, d, _loss(n, d, **LOSS_TRUTH))
+    _close(exact, LOSS_TRUTH, 1e-6)
+    assert exact.r2 == pytest.approx(1.0)
+    # noisy (0.2% multiplicative): within 5%, and within 4 standard errors
+    rng = np.random.default_rng(1)
+    noisy = fit_loss_law(n, d, _loss(n, d, **LOSS_TRUTH) * np.exp(
+        0.002 * rng.standard_normal(n.shape)))
+    _close(noisy, LOSS_TRUTH, 0.05)
+    for name, value in LOSS_TRUTH.items():
+        assert abs(getattr(noisy, name) - value) < 4 * noisy.stderr[name], name
+    assert noisy.r2 > 0.99
+    # predict / inverse_params are inverses of each other
+    for size in (3e6, 2e8):
+        loss = noisy.predict(size, 1e10)
+        assert noisy.inverse_params(loss, 1e10) == pytest.approx(size, rel=1e-9)
+
+
+def test_loss_law_from_bad_starts_and_other_truths():
+    """The multi-start search finds other exponents too, far from the usual ones."""
+    n, d = _grid(5, 3)
+    for truth in (dict(a=50.0, alpha=0.9, b=3.0, beta=0.05),
+                  dict(a=2.0, alpha=0.07, b=5e3, beta=0.6)):
+        fit = fit_loss_law(n, d, _loss(n, d, **truth))
+        _close(fit, truth, 1e-4)
+
+
+def test_score_law_recovers_parameters():
+    x = np.linspace(0.8, 3.5, 30)
+    exact = fit_score_law(x, _score(x, **SCORE_TRUTH))
+    _close(exact, SCORE_TRUTH, 1e-6)
+    rng = np.random.default_rng(2)
+    noisy = fit_score_law(x, _score(x, **SCORE_TRUTH) + 0.005 * rng.standard_normal(x.shape))
+    _close(noisy, SCORE_TRUTH, 0.05)
+    assert noisy.r2 > 0.99
+    # a score that rises with the loss (γ > 0) is fitted with c > 0 too
+    rising = dict(c=0.5, gamma=4.0, l=2.5, d=0.2)
+    fit = fit_score_law(x, _score(x, **rising))
+    _close(fit, rising, 1e-6)
+    for s in (0.25, 0.45, 0.69):
+        assert fit.predict(fit.inverse(s)) == pytest.approx(s, abs=1e-12)
+
+
+def test_round_trip_score_to_params_to_score():
+    n, d, loss, score, _ = _family(3)
+    loss_law = fit_loss_law(n, d, loss)
+    score_law = fit_score_law(loss, score)
+    tokens = 3e10
+    lo, hi = score_law.reachable
+    for s in np.linspace(lo + 0.02 * (hi - lo), hi - 0.3 * (hi - lo), 7):
+        n_hat = effective_params(s, loss_law, score_law, tokens)
+        assert 0 < n_hat < math.inf
+        back = score_law.predict(loss_law.predict(n_hat, tokens))
+        assert abs(back - s) < 1e-6
+        est = density(s, 1e7, loss_law, score_law, tokens, samples=200)
+        assert est.density == pytest.approx(n_hat / 1e7, rel=1e-12)
+
+
+def test_density_interval_covers_the_truth():
+    """The bootstrap interval of a reference-family model's density (truth: 1) covers 1 in about
+    95% of synthetic families (40 families; 1% loss noise, 0.01 score noise, the model's score
+    measured with the same noise and its standard error passed)."""
+    n_model, tokens = 3e7, 1e10
+    true_score = _score(_loss(n_model, tokens, **LOSS_TRUTH), **SCORE_TRUTH)
+    hits, repeats = 0, 40
+    for r in range(repeats):
+        n, d, loss, score, rng = _family(100 + r)
+        est = density(true_score + 0.01 * rng.standard_normal(), n_model,
+                      fit_loss_law(n, d, loss), fit_score_law(loss, score), tokens,
+                      score_stderr=0.01, samples=1000, seed=r)
+        lo, hi = est.density_interval
+        assert lo < est.density < hi
+        hits += lo <= 1.0 <= hi
+    assert hits >= 0.85 * repeats  # binomial(40, 0.95) falls below 34 with probability < 2%
+
+
+def test_out_of_range_is_typed_or_a_bound_never_nan():
+    n, d = _grid()
+    loss_law = fit_loss_law(n, d, _loss(n, d, **LOSS_TRUTH))
+    x = np.linspace(0.8, 3.5, 30)
+    score_law = fit_score_law(x, _score(x, **SCORE_TRUTH))
+    lo, hi = score_law.reachable
+    for bad in (0.01, lo, hi, hi + 1e-9, 1.5):
+        with pytest.raises(OutOfRangeError, match="reachable range"):
+            effective_params(bad, loss_law, score_law, 1e10)
+    assert effective_params(0.01, loss_law, score_law, 1e10, bound=True) == 0.0
+    assert effective_params(1.5, loss_law, score_law, 1e10, bound=True) == math.inf
+    # a reachable score whose loss is below the floor b·D^-β at a small budget
+    floor = loss_law.floor(1e6)
+    s = score_law.predict(floor * 0.99)
+    with pytest.raises(OutOfRangeError, match="floor"):
+        effective_params(s, loss_law, score_law, 1e6)
+    assert effective_params(s, loss_law, score_law, 1e6, bound=True) == math.inf
+    est = density(1.5, 1e7, loss_law, score_law, 1e10, bound=True, samples=100)
+    assert est.effective_params == math.inf and est.to_dict()["density"] is None
+    with pytest.raises(OutOfRangeError):
+        density(1.5, 1e7, loss_law, score_law, 1e10)
+    with pytest.raises(OutOfRangeError):
+        effective_params(float("nan"), loss_law, score_law, 1e10)
+
+
+# --- the trend ------------------------------------------------------------------------------
+
+
+def test_density_trend_recovers_slope_and_doubling():
+    rng = np.random.default_rng(4)
+    start = dt.date(2023, 1, 1)
+    days = np.sort(rng.choice(np.arange(0, 700), 29, replace=False))
+    dates = [start + dt.timedelta(days=int(t)) for t in days]
+    a_true, b_true = 0.0073, -1.2
+    rho = np.exp(a_true * days + b_true + 0.05 * rng.standard_normal(days.shape))
+    trend = fit_density_trend(dates, rho)
+    assert isinstance(trend, DensityTrend)
+    assert trend.A == pytest.approx(a_true, rel=0.05)
+    assert trend.doubling_days == pytest.approx(math.log(2) / trend.A, rel=1e-12)
+    assert trend.doubling_interval[0] < math.log(2) / a_true < trend.doubling_interval[1]
+    assert trend.r2 > 0.9
+    assert trend.origin == dates[0].isoformat()
+    assert trend.predict(dates[0])[0] == pytest.approx(math.exp(trend.B))
+    # exact data: the paper's A = 0.0073 per day doubles every 95 days
+    exact = fit_density_trend([d.isoformat() for d in dates], np.exp(0.0073 * days))
+    assert exact.A == pytest.approx(0.0073, rel=1e-9)
+    assert round(exact.doubling_days) == 95
+    # numbers of days work as dates
+    assert fit_density_trend(days, rho).A == pytest.approx(trend.A, rel=1e-12)
+
+
+def test_density_trend_breakpoint():
+    days = np.arange(0, 600, 20.0)
+    cut = 300.0
+    log_rho = np.where(days < cut, 0.003 * days, 0.003 * cut + 0.009 * (days - cut))
+    trend = fit_density_trend(days, np.exp(log_rho), breakpoint=cut)
+    assert trend.pre.A == pytest.approx(0.003, rel=1e-9)
+    assert trend.post.A == pytest.approx(0.009, rel=1e-9)
+    assert trend.speedup == pytest.approx(3.0, rel=1e-9)
+    rng = np.random.default_rng(5)
+    noisy = fit_density_trend(days, np.exp(log_rho + 0.05 * rng.standard_normal(days.shape)),
+                              breakpoint=cut)
+    assert noisy.slope_difference_p < 1e-3  # the slopes differ
+    same = fit_density_trend(days, np.exp(0.004 * days + 0.05 * rng.standard_normal(
+        days.shape)), breakpoint=cut)
+    assert same.slope_difference_p > 0.01
+    d = same.to_dict()
+    assert d["pre"]["A"] == same.pre.A and json.dumps(d)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_typed_errors():
+    n, d = _grid()
+    loss = _loss(n, d, **LOSS_TRUTH)
+    with pytest.raises(FitError, match="3 points for a law of 4 parameters"):
+        fit_loss_law(n[:3], d[:3], loss[:3])
+    with pytest.raises(FitError, match=r"n_params\[2\] = 0.0 is not positive"):
+        fit_loss_law(np.where(np.arange(len(n)) == 2, 0, n), d, loss)
+    with pytest.raises(FitError, match=r"n_tokens\[0\] = -1.0"):
+        fit_loss_law(n, np.where(np.arange(len(n)) == 0, -1, d), loss)
+    with pytest.raises(FitError, match=r"loss\[1\] = nan is not finite"):
+        fit_loss_law(n, d, np.where(np.arange(len(n)) == 1, np.nan, loss))
+    with pytest.raises(FitError, match="differ in length"):
+        fit_loss_law(n, d[:-1], loss)
+    with pytest.raises(FitError, match="2 token budgets"):
+        fit_loss_law(n, np.full_like(n, 1e9), loss)
+    with pytest.raises(FitError, match="3 points"):
+        fit_score_law([1.0, 2.0, 3.0], [0.1, 0.5, 0.9])
+    with pytest.raises(FitError, match="score has one distinct value"):
+        fit_score_law([1.0, 2.0, 3.0, 4.0], [0.5] * 4)
+    with pytest.raises(FitError, match=r"densities\[1\] = 0.0 is not positive"):
+        fit_density_trend(["2024-01-01", "2024-02-01", "2024-03-01"], [1.0, 0.0, 2.0])
+    with pytest.raises(FitError, match=r"dates\[2\] = '2024-01-15' comes before dates\[1\]"):
+        fit_density_trend(["2024-01-01", "2024-02-01", "2024-01-15"], [1.0, 1.5, 2.0])
+    with pytest.raises(FitError, match=r"dates\[1\] = '2024-01-01' repeats dates\[0\]"):
+        fit_density_trend(["2024-01-01", "2024-01-01", "2024-03-01"], [1.0, 1.5, 2.0])
+    with pytest.raises(FitError, match=r"dates\[0\] = 'yesterday' is not an ISO date"):
+        fit_density_trend(["yesterday", "2024-01-01"], [1.0, 2.0])
+    with pytest.raises(FitError, match="1 points for a law of 2 parameters"):
+        fit_density_trend(["2024-01-01"], [1.0])
+    with pytest.raises(FitError, match="each side needs at least 2"):
+        fit_density_trend([0, 10, 20, 30], [1, 2, 3, 4], breakpoint=25)
+    law = fit_loss_law(n, d, loss)
+    x = np.linspace(0.8, 3.5, 30)
+    score_law = fit_score_law(x, _score(x, **SCORE_TRUTH))
+    with pytest.raises(FitError, match=r"n_params\[0\] = -5.0"):
+        density(0.5, -5, law, score_law, 1e10)
+    with pytest.raises(FitError, match=r"n_tokens\[0\] = 0.0"):
+        effective_params(0.5, law, score_law, 0)
+    assert isinstance(law, LossLaw) and isinstance(score_law, ScoreLaw)
+
+
+def test_exactly_determined_fit_has_no_interval():
+    """As many points as parameters: the fit passes through them, its standard errors are
+    infinite and density gives no interval (rather than a made-up one)."""
+    n = np.array([1e6, 1e7, 1e8, 1e6])
+    d = np.array([1e9, 1e9, 1e10, 1e11])
+    law = fit_loss_law(n, d, _loss(n, d, **LOSS_TRUTH))
+    assert all(math.isinf(v) for v in law.stderr.values())
+    x = np.linspace(0.8, 3.5, 30)
+    est = density(0.5, 1e7, law, fit_score_law(x, _score(x, **SCORE_TRUTH)), 1e10)
+    assert est.density_interval is None and math.isfinite(est.density)
+
+
+# --- conditional loss -----------------------------------------------------------------------
+
+
+def _direct_conditional_loss(model, pairs):
+    """Reference: full logits of every example (right-padded into one forward; causal attention
+    keeps padding out of the real positions), log-softmax in float64, answer positions summed."""
+    import jax.numpy as jnp
+
+    rows = [list(p) + list(a) for p, a in pairs]
+    width = max(len(r) for r in rows) - 1
+    ids = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r) - 1] = r[:-1]
+    logits = np.asarray(model(jnp.asarray(ids)), np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+    total, count = 0.0, 0
+    for i, (prompt, _) in enumerate(pairs):
+        for pos in range(len(prompt) - 1, len(rows[i]) - 1):
+            total -= logp[i, pos, rows[i][pos + 1]]
+            count += 1
+    return total / count
+
+
+def _random_pairs(rng, n, vocab, max_prompt=9, max_answer=6):
+    return [([int(t) for t in rng.integers(3, vocab, rng.integers(1, max_prompt))],
+             [int(t) for t in rng.integers(3, vocab, rng.integers(1, max_answer))])
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama checkpoint: (the transformers model in float64, the cpmjax model)."""
+    from helpers import save_hf_model, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    import cpmjax
+
+    path = tmp_path_factory.mktemp("llama")
+    torch_model = save_hf_model(LlamaForCausalLM, tiny_llama_config(), path).double()
+    return torch_model, cpmjax.from_pretrained(path)
+
+
+class _Example:
+    def __init__(self, prompt, answer):
+        self.prompt, self.answer = prompt, answer
+
+
+def test_conditional_loss_matches_direct_log_softmax(tiny_llama):
+    from cpmjax.scaling import conditional_loss
+
+    model = tiny_llama[1]
+    rng = np.random.default_rng(6)
+    pairs = _random_pairs(rng, 11, model.config.vocab_size)
+    want = _direct_conditional_loss(model, pairs)
+    # batches of 4 (the last one padded), chunks of 3 positions; pairs and objects mixed
+    mixed = [_Example(p, a) if i % 2 else (p, a) for i, (p, a) in enumerate(pairs)]
+    got = conditional_loss(model, None, mixed, batch_size=4, chunk=3, bucket=16)
+    assert got == pytest.approx(want, rel=2e-5)
+
+
+def test_conditional_loss_matches_transformers(tiny_llama):
+    """The same checkpoint in HF transformers (torch, float64), one unpadded row at a time."""
+    import torch
+
+    from cpmjax.scaling import conditional_loss
+
+    torch_model, model = tiny_llama
+    pairs = _random_pairs(np.random.default_rng(7), 6, 96)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            ids = torch.tensor([prompt + answer])
+            logp = torch.log_softmax(torch_model(ids).logits[0], -1)
+            for pos in range(len(prompt) - 1, len(prompt) + len(answer) - 1):
+                total -= float(logp[pos, ids[0, pos + 1]])
+                count += 1
+    got = conditional_loss(model, None, pairs, batch_size=4, chunk=3, bucket=16)
+    assert got == pytest.approx(total / count, rel=1e-4)
+
+
+def test_conditional_loss_text_and_errors(tiny_llama, tmp_path):
+    from helpers import word_tokenizer
+
+    from cpmjax.errors import PromptTooLongError, TokenIdError
+    from cpmjax.scaling import conditional_loss
+
+    model = tiny_llama[1]
+    tok = word_tokenizer(tmp_path / "tok")
+    text = [("def fibonacci ( n ) :", "return n"), ("if a", "else b c")]
+    ids = [(tok(p, add_special_tokens=True)["input_ids"],
+            tok(a, add_special_tokens=False)["input_ids"]) for p, a in text]
+    got = conditional_loss(model, tok, text, batch_size=4, chunk=3, bucket=16)
+    assert got == pytest.approx(_direct_conditional_loss(model, ids), rel=2e-5)
+    with pytest.raises(InputError, match="no tokenizer"):
+        conditional_loss(model, None, text)
+    with pytest.raises(InputError, match=r"examples\[1\] is neither"):
+        conditional_loss(model, None, [([1, 2], [3]), 7])
+    with pytest.raises(EmptyPromptError, match=r"examples\[0\].prompt has no tokens"):
+        conditional_loss(model, None, [([], [3])])
+    with pytest.raises(InputError, match=r"examples\[0\].answer has no tokens"):
+        conditional_loss(model, None, [([1], [])])
+    with pytest.raises(TokenIdError, match=r"examples\[0\] has token id 96"):
+        conditional_loss(model, None, [([1], [96])])
+    with pytest.raises(PromptTooLongError, match=r"examples\[0\]"):
+        conditional_loss(model, None, [([1] * 70, [3])])
+    with pytest.raises(InputError, match="examples is empty"):
+        conditional_loss(model, None, [])
