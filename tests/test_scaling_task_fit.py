@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpmjax.errors import InputError
+from cpmjax.errors import FitError
 from cpmjax.scaling import accelerated_emergence, fit_task_scaling
 
 SIZES = np.array([1e6, 3e6, 1e7, 3e7, 1e8, 3e8])
@@ -115,25 +115,25 @@ def test_exact_curves():
 
 def test_typed_errors():
     rates = _law(SIZES, 50.0, 0.3)
-    with pytest.raises(InputError, match="at least 3"):
+    with pytest.raises(FitError, match="at least 3"):
         fit_task_scaling(SIZES[:2], rates[:2])
-    with pytest.raises(InputError, match="at least 4"):
+    with pytest.raises(FitError, match="at least 4"):
         accelerated_emergence(SIZES[:3], rates[:3])
-    with pytest.raises(InputError, match="mismatched"):
+    with pytest.raises(FitError, match="mismatched"):
         fit_task_scaling(SIZES, rates[:5])
-    with pytest.raises(InputError, match="size 2 is"):
+    with pytest.raises(FitError, match="size 2 is"):
         fit_task_scaling(np.array([1e6, 2e6, -1.0, 4e6]), rates[:4])
     zero = rates.copy()
     zero[3] = 0.0
-    with pytest.raises(InputError, match="at size 3e\\+07"):
+    with pytest.raises(FitError, match="at size 3e\\+07"):
         fit_task_scaling(SIZES, zero)
     per_instance = np.stack([rates, rates], axis=1)
     per_instance[4, 1] = 1.0
-    with pytest.raises(InputError, match="size 1e\\+08, instance 1"):
+    with pytest.raises(FitError, match="size 1e\\+08, instance 1"):
         fit_task_scaling(SIZES, per_instance, level="instance")
-    with pytest.raises(InputError, match="level"):
+    with pytest.raises(FitError, match="level"):
         fit_task_scaling(SIZES, rates, level="token")
-    with pytest.raises(InputError, match="instance_weights"):
+    with pytest.raises(FitError, match="instance_weights"):
         fit_task_scaling(SIZES, per_instance, instance_weights=[1.0, 2.0, 3.0])
-    with pytest.raises(InputError, match="positive sizes"):
+    with pytest.raises(FitError, match="positive sizes"):
         fit_task_scaling(SIZES, rates).predict(0)

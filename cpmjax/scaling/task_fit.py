@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cpmjax.errors import InputError
+from cpmjax.errors import FitError
 
 __all__ = ["Emergence", "TaskScaling", "accelerated_emergence", "fit_task_scaling"]
 
@@ -59,7 +59,7 @@ class TaskScaling:
         """Predicted dataset PU at the sizes ``n_params`` (scalar or array)."""
         n = np.asarray(n_params, np.float64)
         if np.any(~np.isfinite(n)) or np.any(n <= 0):
-            raise InputError(f"n_params must be positive sizes, got {n_params!r}")
+            raise FitError(f"n_params must be positive sizes, got {n_params!r}")
         if self.level == "dataset":
             return np.exp(-self.c * n ** (-self.alpha))
         c = np.asarray(self.c)[..., None]
@@ -101,18 +101,18 @@ def _check_sizes(n_params: Any, pass_rates: Any, minimum: int) -> tuple[np.ndarr
     n = np.asarray(n_params, np.float64)
     rates = np.asarray(pass_rates, np.float64)
     if n.ndim != 1:
-        raise InputError(f"n_params must be one size per model, got shape {n.shape}")
+        raise FitError(f"n_params must be one size per model, got shape {n.shape}")
     if rates.ndim not in (1, 2) or rates.shape[0] != n.shape[0]:
-        raise InputError(
+        raise FitError(
             f"pass_rates must be [sizes] or [sizes, instances] with one row per size: got shape "
             f"{rates.shape} for {n.shape[0]} sizes (mismatched lengths)")
     if n.shape[0] < minimum:
-        raise InputError(f"need at least {minimum} model sizes, got {n.shape[0]}")
+        raise FitError(f"need at least {minimum} model sizes, got {n.shape[0]}")
     bad = np.flatnonzero(~np.isfinite(n) | (n <= 0))
     if bad.size:
-        raise InputError(f"size {int(bad[0])} is {n[bad[0]]!r}: sizes must be positive")
+        raise FitError(f"size {int(bad[0])} is {n[bad[0]]!r}: sizes must be positive")
     if np.unique(n).size < n.size:
-        raise InputError(f"sizes repeat: {n.tolist()}")
+        raise FitError(f"sizes repeat: {n.tolist()}")
     return n, rates
 
 
@@ -124,7 +124,7 @@ def _check_rates(n: np.ndarray, rates: np.ndarray) -> None:
         value = rates[tuple(where)]
         name = f"size {n[where[0]]:g}" + (f", instance {int(where[1])}" if rates.ndim == 2
                                             else "")
-        raise InputError(
+        raise FitError(
             f"pass rate {value!r} at {name} is outside (0, 1): log(-log PU) is undefined; "
             "sample more (PassUntil max_samples) or leave that size/instance out")
 
@@ -143,10 +143,10 @@ def _weights(instance_weights: Any, count: int) -> np.ndarray:
         return np.full(count, 1.0 / count)
     w = np.asarray(instance_weights, np.float64)
     if w.shape != (count,):
-        raise InputError(f"instance_weights has shape {w.shape}, need ({count},) (one weight "
+        raise FitError(f"instance_weights has shape {w.shape}, need ({count},) (one weight "
                          "per instance: mismatched lengths)")
     if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise InputError(f"instance_weights must be >= 0 with a positive sum, got {w.tolist()}")
+        raise FitError(f"instance_weights must be >= 0 with a positive sum, got {w.tolist()}")
     return w / w.sum()
 
 
@@ -162,20 +162,20 @@ def fit_task_scaling(
     ``n_params``: ``[sizes]`` non-embedding parameter counts. ``pass_rates``: ``[sizes]``
     dataset PU, or ``[sizes, instances]`` per-instance PU (``level="dataset"`` then fits their
     weighted mean per size; ``level="instance"`` needs them). ``instance_weights``:
-    ``[instances]`` (default: equal). Typed errors (``InputError``) for fewer than 3 sizes,
+    ``[instances]`` (default: equal). Typed errors (``FitError``) for fewer than 3 sizes,
     non-positive or repeated sizes, mismatched lengths, and any pass rate of 0 or 1 (naming the
     size and instance)."""
     if level not in LEVELS:
-        raise InputError(f"level must be one of {LEVELS}, got {level!r}")
+        raise FitError(f"level must be one of {LEVELS}, got {level!r}")
     n, rates = _check_sizes(n_params, pass_rates, 3)
     if level == "instance" and rates.ndim != 2:
-        raise InputError("level='instance' needs pass_rates of shape [sizes, instances], got "
+        raise FitError("level='instance' needs pass_rates of shape [sizes, instances], got "
                          f"shape {rates.shape}")
     x = np.log(n)
     if rates.ndim == 2:
         weights = _weights(instance_weights, rates.shape[1])
     elif instance_weights is not None:
-        raise InputError("instance_weights given with dataset-level pass_rates [sizes]")
+        raise FitError("instance_weights given with dataset-level pass_rates [sizes]")
     if level == "dataset":
         mean = rates @ weights if rates.ndim == 2 else rates
         _check_rates(n, mean)
@@ -205,7 +205,7 @@ def accelerated_emergence(n_params: Any, pass_rates: Any, *, level: float = 0.05
     from scipy.stats import t as student_t
 
     if not 0.0 < float(level) < 1.0:
-        raise InputError(f"level must be in (0, 1), got {level}")
+        raise FitError(f"level must be in (0, 1), got {level}")
     n, rates = _check_sizes(n_params, pass_rates, 4)
     if rates.ndim == 2:
         rates = rates.mean(axis=1)
