@@ -267,17 +267,27 @@ def test_exactly_determined_fit_has_no_interval():
 # --- conditional loss -----------------------------------------------------------------------
 
 
-def _direct_conditional_loss(model, pairs):
-    """Reference: full logits of every example (right-padded into one forward; causal attention
-    keeps padding out of the real positions), log-softmax in float64, answer positions summed."""
-    import jax.numpy as jnp
+def _forward(model, rows, *, hidden=False):
+    """Full logits (or final hidden states) ``[rows, width, .]`` in float64 of right-padded
+    token rows, in one jitted forward (causal attention keeps padding out of the real
+    positions; eager dispatch on CPU costs seconds per new shape)."""
+    import jax
+    from flax import nnx
 
-    rows = [list(p) + list(a) for p, a in pairs]
-    width = max(len(r) for r in rows) - 1
+    width = max(len(r) for r in rows)
     ids = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
-        ids[i, :len(r) - 1] = r[:-1]
-    logits = np.asarray(model(jnp.asarray(ids)), np.float64)
+        ids[i, :len(r)] = r
+    graphdef, state = nnx.split(model)
+    out = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, return_hidden=hidden))(state, ids)
+    return np.asarray(out, np.float64)
+
+
+def _direct_conditional_loss(model, pairs):
+    """Reference: full logits of every example, log-softmax in float64, answer positions
+    summed."""
+    rows = [list(p) + list(a) for p, a in pairs]
+    logits = _forward(model, [r[:-1] for r in rows])
     top = logits.max(-1, keepdims=True)
     logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
     total, count = 0.0, 0
@@ -372,3 +382,182 @@ def test_conditional_loss_text_and_errors(tiny_llama, tmp_path):
         conditional_loss(model, None, [([1] * 70, [3])])
     with pytest.raises(InputError, match="examples is empty"):
         conditional_loss(model, None, [])
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_cli_density_trend(tmp_path, capsys):
+    from cpmjax.cli import main
+
+    rng = np.random.default_rng(8)
+    start = dt.date(2022, 6, 1)
+    days = np.sort(rng.choice(np.arange(0, 800), 20, replace=False))
+    rows = [(f"m{i}", (start + dt.timedelta(days=int(t))).isoformat(), 1e9,
+             math.exp(0.0073 * t - 2 + 0.03 * rng.standard_normal()))
+            for i, t in enumerate(days)]
+    table = tmp_path / "models.csv"
+    # rows out of date order: the command sorts the table
+    table.write_text("name,date,params,density\n" + "".join(
+        f"{n},{d},{p:g},{r:.6g}\n" for n, d, p, r in reversed(rows)))
+    out, figure = tmp_path / "trend.json", tmp_path / "trend.png"
+    assert main(["scaling", "density-trend", "--csv", str(table), "--breakpoint",
+                 (start + dt.timedelta(days=400)).isoformat(), "--figure", str(figure),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "doubling every" in printed and "speed-up" in printed
+    result = json.loads(out.read_text())
+    assert result["trend"]["A"] == pytest.approx(0.0073, rel=0.05)
+    assert result["trend"]["doubling_days"] == pytest.approx(
+        math.log(2) / result["trend"]["A"], rel=1e-12)
+    assert result["trend"]["pre"]["n_points"] + result["trend"]["post"]["n_points"] == 20
+    assert figure.stat().st_size > 10_000
+    # two models on one date, a missing column: typed errors, exit code 2
+    table.write_text("name,date,params,density\na,2024-01-01,1,1\nb,2024-01-01,1,2\n")
+    assert main(["scaling", "density-trend", "--csv", str(table)]) == 2
+    assert "a (line 2) and b (line 3) share the date 2024-01-01" in capsys.readouterr().err
+    table.write_text("name,date,density\na,2024-01-01,1\n")
+    assert main(["scaling", "density-trend", "--csv", str(table)]) == 2
+    assert "missing column(s) params" in capsys.readouterr().err
+
+
+# a known loss law for the fabricated family (its N are the tiny models' real sizes) and a
+# known sigmoid for its scores
+CLI_SCORE = dict(c=0.8, gamma=-2.0, l=6.5, d=0.1)
+WORDS = "def fibonacci ( n ) : return if else a b c the of and to"
+
+
+def _hidden_and_targets(model, tokenizer, instances):
+    """Final hidden states and target ids at the answer positions of every instance."""
+    prompts = [tokenizer(x.prompt, add_special_tokens=True)["input_ids"] for x in instances]
+    rows = [p + tokenizer(x.answer, add_special_tokens=False)["input_ids"]
+            for p, x in zip(prompts, instances, strict=True)]
+    states = _forward(model, [r[:-1] for r in rows], hidden=True)
+    hidden = [states[i, len(p) - 1:len(r) - 1]
+              for i, (p, r) in enumerate(zip(prompts, rows, strict=True))]
+    targets = [t for p, r in zip(prompts, rows, strict=True) for t in r[len(p):]]
+    return np.concatenate(hidden), np.asarray(targets)
+
+
+def _fabricate_family(root, instances, tokenizer_dir):
+    """Two tiny MiniCPM sizes x three token budgets; each member is the size's random model
+    with its LM head scaled so that its conditional loss on ``instances`` is exactly the known
+    law's loss at (its real non-embedding size, its budget). Writes RUNS/family.json."""
+    from flax import nnx
+    from helpers import word_tokenizer, write_random_minicpm
+    from scipy.optimize import brentq
+    from scipy.special import logsumexp
+
+    import cpmjax
+    from cpmjax.scaling.family import non_embedding_params
+
+    tok = cpmjax.load_tokenizer(tokenizer_dir)
+    budgets = [1e6, 1e7, 1e8]
+    sizes = [(16, 2), (48, 3)]  # (hidden, layers)
+    models = []
+    for hidden, layers in sizes:
+        model = write_random_minicpm(root / f"init{hidden}", seed=hidden, hidden_size=hidden,
+                                     num_hidden_layers=layers, intermediate_size=2 * hidden,
+                                     tie_word_embeddings=False)
+        models.append((model, non_embedding_params(model)))
+    n_small = min(n for _, n in models)
+    law = dict(a=1.0 * n_small ** 0.5, alpha=0.5, b=30.0, beta=0.1)
+    runs = {}
+    for (model, n), (hidden, layers) in zip(models, sizes, strict=True):
+        h, t = _hidden_and_targets(model, tok, instances)
+        w0 = np.asarray(model.lm_head.kernel[...], np.float64)  # [hidden, vocab]
+        branches = {}
+        for step, budget in enumerate(budgets):
+            target = _loss(n, budget, **law)
+
+            def loss_at(scale, h=h, t=t, w0=w0, target=target):
+                logits = scale * h @ w0
+                return float(np.mean(logsumexp(logits, -1) - logits[np.arange(len(t)), t])
+                             - target)
+
+            scale = brentq(loss_at, 0.0, 1e4, xtol=1e-12)
+            member = nnx.clone(model)
+            member.lm_head.kernel.set_value(np.asarray(scale * w0, np.float32))
+            export = root / f"s{hidden}" / f"branch{step}" / "hf"
+            cpmjax.save_pretrained(member, export)
+            word_tokenizer(export, WORDS)
+            branches[str(step)] = {"start_step": step, "steps": step + 1, "tokens": int(budget),
+                                   "eval_loss": target, "wall_s": 0.0,
+                                   "export_dir": str(export), "done": True}
+        runs[f"s{hidden}"] = {"non_embedding_params": n, "total_params": n, "layers": layers,
+                              "width": hidden, "branches": branches, "stable": {"wall_s": 0.0}}
+    (root / "family.json").write_text(json.dumps({"runs": runs, "lr_sweep": {}}))
+    return law, models
+
+
+def test_cli_density_on_a_fabricated_family(tmp_path, monkeypatch, capsys):
+    """The whole ``cpmjax scaling density`` path on a family whose losses follow a known law
+    exactly: the law comes back, and a member measured as a model has density 1. The random
+    models' greedy accuracy is 0 everywhere, so the scorer is replaced by the known sigmoid of
+    the model's (real) conditional loss."""
+    from helpers import word_tokenizer
+
+    from cpmjax.cli import main
+    from cpmjax.scaling import conditional_loss, passuntil
+    from cpmjax.scaling.tasks import Instance
+
+    word_tokenizer(tmp_path / "tok", WORDS)
+    instances = [Instance(id=str(i), prompt=p, answer=a) for i, (p, a) in enumerate([
+        ("def fibonacci ( n ) :", "return n"), ("if a", "else b"), ("the of", "and to"),
+        ("a b c", "the"), ("def a ( b ) :", "return a b"), ("if n :", "return c"),
+        ("c b a", "of"), ("and to the", "of a")])]
+    instance_file = tmp_path / "instances.jsonl"
+    instance_file.write_text("".join(json.dumps(dataclasses_asdict(x)) + "\n"
+                                     for x in instances))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    law, models = _fabricate_family(runs, instances, tmp_path / "tok")
+
+    def scorer(model, tokenizer, instances, check, batch_size=16, **_):
+        loss = conditional_loss(model, tokenizer, instances, batch_size=batch_size)
+        return float(_score(loss, **CLI_SCORE))
+
+    monkeypatch.setattr(passuntil, "greedy_accuracy", scorer)
+    member = runs / "s16" / "branch2" / "hf"
+    out, figures, cache = tmp_path / "density.json", tmp_path / "fig", tmp_path / "cache.json"
+    argv = ["scaling", "density", "--family", str(runs), "--model", str(member),
+            "--name", "member", "--task", "arithmetic", "--instances", str(instance_file),
+            "--out", str(out), "--figures", str(figures), "--cache", str(cache),
+            "--samples", "500", "--batch-size", "8"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "member: N = " in printed and "ρ = " in printed
+    result = json.loads(out.read_text())
+    for name, value in law.items():
+        assert result["loss_law"][name] == pytest.approx(value, rel=1e-3), name
+    for name, value in CLI_SCORE.items():
+        assert result["score_law"][name] == pytest.approx(value, rel=1e-3), name
+    (model,) = result["models"]
+    assert model["n_params"] == models[0][1] and result["n_tokens"] == 1e8
+    assert model["density"] == pytest.approx(1.0, rel=1e-3)
+    assert model["loss_effective_params"] == pytest.approx(models[0][1], rel=1e-3)
+    lo, hi = model["density_interval"]  # 8 instances: a wide score error, maybe unbounded
+    assert lo < 1.0 and (hi is None or hi > 1.0)
+    for name in ("loss_law.png", "score_law.png", "density.png"):
+        assert (figures / name).stat().st_size > 10_000
+    # the rerun reads every evaluation from the cache (the scorer is not called again)
+    monkeypatch.setattr(passuntil, "greedy_accuracy", None)
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["models"][0]["density"] == model["density"]
+    capsys.readouterr()
+    # typed errors before any compute
+    assert main(["scaling", "density", "--family", str(runs), "--model", str(member),
+                 "--task", "no-such-task"]) == 2
+    assert "unknown task 'no-such-task'" in capsys.readouterr().err
+    assert main(["scaling", "density", "--family", str(tmp_path / "none"), "--model",
+                 str(member), "--task", "arithmetic"]) == 2
+    assert "no family index" in capsys.readouterr().err
+    assert main(["scaling", "density", "--family", str(runs), "--model", str(tmp_path / "x"),
+                 "--task", "arithmetic"]) == 2
+    assert "--model directory does not exist" in capsys.readouterr().err
+
+
+def dataclasses_asdict(x):
+    import dataclasses
+
+    return dataclasses.asdict(x)

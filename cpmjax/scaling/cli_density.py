@@ -1,0 +1,350 @@
+"""``cpmjax scaling density`` and ``cpmjax scaling density-trend``.
+
+    cpmjax scaling density --family RUNS --model DIR [--model DIR ...] --task NAME
+        [--instances FILE] [--loss task|eval] [--tokens D] [--limit N] [--out FILE.json]
+        [--figures DIR] [--cache FILE] [--bound]
+    cpmjax scaling density-trend --csv FILE [--breakpoint DATE] [--figure OUT.png]
+        [--out FILE.json]
+
+``density`` reads the reference family's index (``RUNS/family.json``, written by ``cpmjax
+scaling family``), evaluates every finished decay branch's export on the task's test instances
+(its loss: the conditional loss of the answers, ``--loss task``, or the held-out LM loss the
+index records, ``--loss eval``; its score: greedy accuracy under the task's checker), fits the
+loss law over (size, tokens) and the score law over (loss, score), then gives each ``--model``
+its effective size ``N̂`` and density ``ρ = N̂ / N`` at ``--tokens`` (default: the family's
+largest branch budget) with bootstrap intervals. ``density-trend`` fits ``ln ρ = A·t + B`` to a
+table ``name,date,params,density``. See docs/densing.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from cpmjax.errors import FitError, InputError, MissingPathError
+
+__all__ = ["add_commands", "family_points", "read_density_table", "run_density",
+           "run_density_trend"]
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "density", help="effective size and capacity density of models against the family")
+    p.add_argument("--family", required=True, help="the reference family's directory (RUNS)")
+    p.add_argument("--model", required=True, action="append",
+                   help="HF checkpoint directory of a model to measure (repeatable)")
+    p.add_argument("--name", action="append", default=None,
+                   help="a label per --model (default: the directory's name)")
+    p.add_argument("--task", required=True, help="task name (cpmjax.scaling.TASKS)")
+    p.add_argument("--instances", default=None,
+                   help="instance file or task directory (default: RUNS/tasks/TASK, test split)")
+    p.add_argument("--split", default="test", help="split read from a task directory")
+    p.add_argument("--limit", type=int, default=None, help="use the first N instances only")
+    p.add_argument("--loss", choices=["task", "eval"], default="task",
+                   help="the loss both laws use: the answers' conditional loss (task) or the "
+                        "family's recorded held-out LM loss (eval; the measured models then "
+                        "need no loss)")
+    p.add_argument("--tokens", type=float, default=None,
+                   help="training tokens D of the reference at which N̂ is read "
+                        "(default: the family's largest branch budget)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--samples", type=int, default=4000, help="bootstrap draws")
+    p.add_argument("--level", type=float, default=0.95, help="interval level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bound", action="store_true",
+                   help="report N̂ = 0 or inf for a score beyond the laws' range instead of "
+                        "failing")
+    p.add_argument("--cache", default=None,
+                   help="JSON file of (loss, score) per checkpoint and task, read and extended "
+                        "(a rerun evaluates only what is new)")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--figures", default=None,
+                   help="directory for loss_law.png, score_law.png and density.png")
+    p.set_defaults(func=run_density)
+
+    t = subparsers.add_parser("density-trend",
+                              help="fit ln(density) = A·t + B to dated models (a CSV table)")
+    t.add_argument("--csv", required=True, help="table with columns name,date,params,density")
+    t.add_argument("--breakpoint", default=None,
+                   help="a date (YYYY-MM-DD): also fit before and from it on, and compare")
+    t.add_argument("--level", type=float, default=0.95)
+    t.add_argument("--figure", default=None, help="write the trend figure here (PNG)")
+    t.add_argument("--out", default=None, help="write the fit as JSON here")
+    t.set_defaults(func=run_density_trend)
+
+
+# --------------------------------------------------------------------------------------------
+# density
+
+
+def family_points(runs: list[Any], loss_kind: str) -> list[dict[str, Any]]:
+    """One point per finished decay branch of ``family_runs(...)``: name, non-embedding
+    parameters, tokens, export directory, and (``loss_kind="eval"``) the recorded held-out
+    loss. Branches without an export (or, for ``eval``, without a loss) are left out."""
+    points = []
+    for run in runs:
+        for branch in run.branches:
+            if not branch.export_dir:
+                continue
+            if loss_kind == "eval" and branch.eval_loss is None:
+                continue
+            points.append({"name": f"{run.name}@{branch.tokens}", "export_dir": branch.export_dir,
+                           "n_params": int(run.non_embedding_params),
+                           "tokens": int(branch.tokens),
+                           "loss": None if loss_kind == "task" else float(branch.eval_loss)})
+    return points
+
+
+def _read_cache(path: str | None) -> dict[str, Any]:
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--cache {path} is not JSON: {exc}") from exc
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON; in the output
+    ``null`` means unbounded or undetermined)."""
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json(path: str, data: Any) -> None:
+    from cpmjax.report import write_json
+
+    write_json(path, _finite_json(data))
+
+
+def _write_cache(path: str | None, cache: dict[str, Any]) -> None:
+    if path:
+        _write_json(path, cache)
+
+
+def _evaluate(directory: str, task: Any, instances: list[Any], *, need_loss: bool,
+              batch_size: int, cache: dict[str, Any], cache_path: str | None,
+              instances_key: str) -> dict[str, Any]:
+    """Non-embedding parameters, score (greedy accuracy) and, if asked, the conditional loss of
+    the checkpoint in ``directory``; cached by (directory, task, instances, loss kind)."""
+    key = f"{os.path.abspath(directory)}|{task.name}|{instances_key}|{'task' if need_loss else '-'}"
+    if key in cache:
+        return cache[key]
+    from cpmjax.hf import from_pretrained
+    from cpmjax.scaling import passuntil
+    from cpmjax.scaling.densing import conditional_loss
+    from cpmjax.scaling.family import non_embedding_params
+    from cpmjax.tokenizer import load_tokenizer
+
+    if not os.path.isdir(directory):
+        raise MissingPathError(f"checkpoint directory does not exist: {directory}")
+    model = from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
+    record = {"n_params": int(non_embedding_params(model)),
+              "score": float(passuntil.greedy_accuracy(model, tokenizer, instances, task.check,
+                                                       batch_size=batch_size)),
+              "instances": len(instances)}
+    if need_loss:
+        record["loss"] = float(conditional_loss(model, tokenizer, instances,
+                                                batch_size=batch_size))
+    cache[key] = record
+    _write_cache(cache_path, cache)
+    return record
+
+
+def _fmt_interval(interval: Any) -> str:
+    if interval is None:
+        return "[no interval]"
+    lo, hi = interval
+    return f"[{lo:.3g}, {'inf' if math.isinf(hi) else format(hi, '.3g')}]"
+
+
+def run_density(args: Any) -> int:
+    from cpmjax.scaling.densing import density, fit_loss_law, fit_score_law
+    from cpmjax.scaling.family import family_runs
+    from cpmjax.scaling.tasks import get_task, load_instances
+
+    task = get_task(args.task)  # typed errors before any compute
+    names = args.name or [os.path.basename(os.path.normpath(m)) for m in args.model]
+    if len(names) != len(args.model):
+        raise InputError(f"{len(names)} --name for {len(args.model)} --model")
+    for directory in args.model:
+        if not os.path.isdir(directory):
+            raise MissingPathError(f"--model directory does not exist: {directory}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit {args.limit}: must be positive")
+    if args.tokens is not None and not args.tokens > 0:
+        raise InputError(f"--tokens {args.tokens}: must be positive")
+    runs = family_runs(args.family)
+    points = family_points(runs, args.loss)
+    if not points:
+        raise FitError(f"the family in {args.family} has no finished branch with an export"
+                       + (" and an eval loss" if args.loss == "eval" else ""))
+    source = args.instances or os.path.join(args.family, "tasks", args.task)
+    instances = load_instances(source, args.split)[:args.limit]
+    if not instances:
+        raise InputError(f"no instances in {source}")
+    instances_key = f"{os.path.abspath(source)}:{args.split}:{len(instances)}"
+    cache = _read_cache(args.cache)
+    need_loss = args.loss == "task"
+
+    def evaluate(directory: str) -> dict[str, Any]:
+        return _evaluate(directory, task, instances, need_loss=need_loss,
+                         batch_size=args.batch_size, cache=cache, cache_path=args.cache,
+                         instances_key=instances_key)
+
+    for point in points:
+        record = evaluate(point["export_dir"])
+        point["score"] = record["score"]
+        if need_loss:
+            point["loss"] = record["loss"]
+        print(f"family {point['name']}: N={point['n_params']:.4g} D={point['tokens']:.4g} "
+              f"loss={point['loss']:.4f} score={point['score']:.4f}", file=sys.stderr)
+    loss_law = fit_loss_law([p["n_params"] for p in points], [p["tokens"] for p in points],
+                            [p["loss"] for p in points])
+    score_law = fit_score_law([p["loss"] for p in points], [p["score"] for p in points])
+    tokens = float(args.tokens or max(p["tokens"] for p in points))
+    print(f"loss law: L = {loss_law.a:.4g}·N^-{loss_law.alpha:.4g} + {loss_law.b:.4g}·D^-"
+          f"{loss_law.beta:.4g} (R² {loss_law.r2:.4f}, {loss_law.n_points} points)")
+    print(f"score law: S = {score_law.c:.4g} / (1 + exp(-({score_law.gamma:.4g})(L - "
+          f"{score_law.l:.4g}))) + {score_law.d:.4g} (R² {score_law.r2:.4f})")
+
+    models = []
+    for name, directory in zip(names, args.model, strict=True):
+        record = evaluate(directory)
+        score, n = record["score"], record["n_params"]
+        stderr = math.sqrt(max(score * (1 - score), 0.0) / record["instances"])
+        estimate = density(score, n, loss_law, score_law, tokens, score_stderr=stderr,
+                           level=args.level, samples=args.samples, seed=args.seed,
+                           bound=args.bound)
+        entry = {"name": name, "model": directory, "score_stderr": stderr,
+                 **estimate.to_dict()}
+        if need_loss:
+            entry["conditional_loss"] = record["loss"]
+            entry["loss_effective_params"] = _none_if_inf(
+                loss_law.inverse_params(record["loss"], tokens, bound=True))
+        models.append(entry)
+        print(f"{name}: N = {n:.4g}, score = {score:.4f} ± {stderr:.4f}, "
+              f"N̂ = {estimate.effective_params:.4g} "
+              f"{_fmt_interval(estimate.effective_params_interval)}, "
+              f"ρ = {estimate.density:.4g} {_fmt_interval(estimate.density_interval)} "
+              f"({int(args.level * 100)}%, D = {tokens:.4g})")
+
+    result = {"family": args.family, "task": args.task, "instances": source,
+              "n_instances": len(instances), "loss": args.loss, "n_tokens": tokens,
+              "loss_law": loss_law.to_dict(), "score_law": score_law.to_dict(),
+              "points": points, "models": models}
+    if args.out:
+        _write_json(args.out, result)
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.figures:
+        from cpmjax.scaling import density_plots
+
+        os.makedirs(args.figures, exist_ok=True)
+        density_plots.plot_loss_law([p["n_params"] for p in points],
+                                    [p["tokens"] for p in points], [p["loss"] for p in points],
+                                    loss_law, os.path.join(args.figures, "loss_law.png"))
+        density_plots.plot_score_law(
+            [p["loss"] for p in points], [p["score"] for p in points], score_law,
+            os.path.join(args.figures, "score_law.png"),
+            models={m["name"]: (m["loss"] if m["loss"] is not None else math.inf, m["score"])
+                    for m in models})
+        density_plots.plot_densities(
+            [m["name"] for m in models],
+            [math.inf if m["density"] is None else m["density"] for m in models],
+            [None if m["density_interval"] is None else
+             tuple(math.inf if v is None else v for v in m["density_interval"])
+             for m in models],
+            os.path.join(args.figures, "density.png"))
+        print(f"wrote figures to {args.figures}", file=sys.stderr)
+    return 0
+
+
+def _none_if_inf(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+# --------------------------------------------------------------------------------------------
+# density-trend
+
+
+def read_density_table(path: str) -> list[dict[str, Any]]:
+    """Rows ``{name, date, params, density}`` of a CSV table, sorted by date; a missing column,
+    a bad number or two models on one date raise typed errors naming the row."""
+    import datetime as dt
+
+    if not os.path.isfile(path):
+        raise MissingPathError(f"--csv file does not exist: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("name", "date", "params", "density") if c not in fields]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)} (have "
+                             f"{', '.join(fields) or 'none'})")
+        rows = []
+        for line, raw in enumerate(reader, 2):
+            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+            try:
+                date = dt.date.fromisoformat(row["date"])
+            except ValueError:
+                raise InputError(f"{path}:{line}: date {row['date']!r} is not YYYY-MM-DD") \
+                    from None
+            try:
+                params = float(row["params"]) if row["params"] else None
+                rho = float(row["density"])
+            except ValueError as exc:
+                raise InputError(f"{path}:{line}: {exc}") from None
+            rows.append({"name": row["name"], "date": date, "params": params, "density": rho,
+                         "line": line})
+    rows.sort(key=lambda r: r["date"])
+    for prev, row in zip(rows, rows[1:], strict=False):
+        if prev["date"] == row["date"]:
+            raise FitError(f"{path}: {prev['name']} (line {prev['line']}) and {row['name']} "
+                           f"(line {row['line']}) share the date {row['date']}: keep one per "
+                           "date (the densest)")
+    return rows
+
+
+def run_density_trend(args: Any) -> int:
+    from cpmjax.scaling.densing import fit_density_trend
+
+    rows = read_density_table(args.csv)
+    trend = fit_density_trend([r["date"] for r in rows], [r["density"] for r in rows],
+                              breakpoint=args.breakpoint, level=args.level)
+
+    def describe(label: str, fit: Any) -> str:
+        lo, hi = fit.doubling_interval
+        return (f"{label}: ln ρ = {fit.A:.5g}·t + {fit.B:.4g} (t in days from {fit.origin}), "
+                f"R² {fit.r2:.3f}, {fit.n_points} models, doubling every "
+                f"{fit.doubling_days:.1f} days [{lo:.1f}, {hi:.1f}]")
+
+    print(describe("all", trend))
+    if trend.pre is not None:
+        print(describe(f"before {trend.breakpoint}", trend.pre))
+        print(describe(f"from {trend.breakpoint}", trend.post))
+        p = trend.slope_difference_p
+        print(f"speed-up of A after the breakpoint: {trend.speedup:.3g}x"
+              + ("" if p is None else f" (p = {p:.3g} that the slopes are equal)"))
+    if args.out:
+        _write_json(args.out, {"csv": args.csv, "trend": trend.to_dict(),
+                              "models": [{k: (v.isoformat() if k == "date" else v)
+                                          for k, v in r.items() if k != "line"}
+                                         for r in rows]})
+    if args.figure:
+        from cpmjax.scaling.density_plots import plot_density_trend
+
+        plot_density_trend([r["date"] for r in rows], [r["density"] for r in rows], trend,
+                           args.figure, names=[r["name"] for r in rows])
+        print(f"wrote {args.figure}", file=sys.stderr)
+    return 0
