@@ -292,3 +292,63 @@ def test_sampler_errors(tiny):
 
     with pytest.raises(InputError, match="KeyError on instance 'q1'"):
         pass_until(tiny, tokenizer, items[1:], **{**ok, "check": broken})
+
+
+# --- cpmjax scaling passuntil ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random MiniCPM checkpoint with a byte-level BPE tokenizer of 260 entries."""
+    from helpers import write_random_minicpm
+
+    from cpmjax.train.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("passuntil-cli")
+    text = root / "corpus.txt"
+    text.write_text("Q: 12+30=42\nkv: ant=q7v | ant=q7v\n" * 20)
+    directory = root / "model"
+    model = write_random_minicpm(directory, seed=5, vocab_size=260)
+    train_bpe([str(text)], directory, vocab_size=260, min_frequency=1)
+    return directory, model
+
+
+def test_cli_passuntil(checkpoint, tmp_path):
+    from cpmjax.cli import main
+    from cpmjax.scaling.tasks import get_task, make_task_suite
+
+    directory, model = checkpoint
+    make_task_suite(tmp_path / "suite", n_train=0, n_test=3, tasks=["arithmetic"])
+    out = tmp_path / "pu.json"
+    common = ["--model", str(directory), "--task", "arithmetic", "--max-samples", "40",
+              "--batch-size", "32", "--no-progress"]
+    assert main(["scaling", "passuntil", *common, "--instances",
+                 str(tmp_path / "suite" / "arithmetic" / "test.jsonl"), "--greedy",
+                 "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["task"] == "arithmetic" and len(record["instances"]) == 3
+    config = model.config  # tied embedding: everything but vocab x hidden
+    assert record["non_embedding_params"] == (
+        model.num_parameters() - config.vocab_size * config.hidden_size)
+    assert record["greedy_accuracy"] == 0.0
+    expected = get_task("arithmetic").generate(3, 0)  # make_task_suite's test split
+    assert [x["id"] for x in record["instances"]] == [x.id for x in expected]
+    # a random model never writes the answer: every instance spends its budget, PU = 0 with
+    # the exact upper bound 1 - 0.025^(1/40)
+    for row in record["instances"]:
+        assert row["samples"] == 40 and row["passes"] == 0 and row["estimate"] == 0.0
+        assert row["high"] == pytest.approx(1 - 0.025 ** (1 / 40))
+    assert record["total_samples"] == 120 and record["truncated_instances"] == 3
+    # generated instances, and the same seeds give the same file
+    again = tmp_path / "again.json"
+    for target in (out, again):
+        assert main(["scaling", "passuntil", *common, "--num-instances", "2", "--seed", "4",
+                     "--out", str(target)]) == 0
+    first, second = json.loads(out.read_text()), json.loads(again.read_text())
+    assert first["instances"] == second["instances"]
+    assert first["instances_generated"] == {"n": 2, "seed": 4}
+    # typed errors come out as exit code 2
+    assert main(["scaling", "passuntil", *common, "--num-instances", "2",
+                 "--required-passes", "50", "--out", str(out)]) == 2
+    assert main(["scaling", "passuntil", *common, "--num-instances", "0",
+                 "--out", str(out)]) == 2

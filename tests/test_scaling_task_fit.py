@@ -137,3 +137,57 @@ def test_typed_errors():
         fit_task_scaling(SIZES, per_instance, instance_weights=[1.0, 2.0, 3.0])
     with pytest.raises(FitError, match="positive sizes"):
         fit_task_scaling(SIZES, rates).predict(0)
+
+
+def _write_result(path, size, rates, seed=0):
+    from cpmjax.scaling import PassUntilResult, pass_until_estimate
+
+    rates = np.asarray(rates, np.float64)
+    passes = (rates > 0).astype(int)
+    samples = np.where(passes, np.round(1.0 / np.maximum(rates, 1e-9)), 1000).astype(int)
+    estimate, low, high = pass_until_estimate(passes, samples)
+    result = PassUntilResult(
+        ids=[f"i{k}" for k in range(len(rates))], passes=passes,
+        samples=samples, estimate=np.asarray(rates, np.float64), low=low, high=high,
+        required_passes=1, max_samples=10**6, confidence=0.95, temperature=1.0, seed=seed,
+        metadata={"task": "arithmetic", "non_embedding_params": int(size)})
+    result.save(path)
+
+
+def test_cli_fit(tmp_path, capsys):
+    """``cpmjax scaling fit`` on PassUntil results of five sizes whose instance PUs follow
+    known laws: the dataset fit, the instance-level prediction, emergence, the figure."""
+    import json
+
+    from cpmjax.cli import main
+
+    rng = np.random.default_rng(5)
+    c, alpha = rng.uniform(20, 80, size=4), rng.uniform(0.2, 0.3, size=4)
+    sizes = np.array([2e6, 5e6, 1.2e7, 3e7, 8e7])
+    paths = []
+    for k, size in enumerate(sizes[::-1]):  # any order: the command sorts by size
+        paths.append(str(tmp_path / f"m{k}.json"))
+        _write_result(paths[-1], size, _law(size, c, alpha))
+    out, figure = tmp_path / "fit.json", tmp_path / "fit.png"
+    assert main(["scaling", "fit", "--results", *paths, "--level", "instance", "--predict",
+                 "1e9", "--out", str(out), "--figure", str(figure)]) == 0
+    record = json.loads(out.read_text())
+    np.testing.assert_allclose(record["fit"]["c"], c, rtol=1e-6)
+    np.testing.assert_allclose(record["fit"]["alpha"], alpha, rtol=1e-6)
+    assert record["prediction"]["pass_rate"] == pytest.approx(np.mean(_law(1e9, c, alpha)))
+    assert record["emergence"] is not None and "curvature" in record["emergence"]
+    assert figure.stat().st_size > 10_000
+    dataset_out = tmp_path / "dataset.json"
+    assert main(["scaling", "fit", "--results", *paths, "--out", str(dataset_out)]) == 0
+    dataset = json.loads(dataset_out.read_text())["fit"]
+    mean = np.array([np.mean(_law(s, c, alpha)) for s in sizes])
+    direct = fit_task_scaling(sizes, mean)
+    assert dataset["c"] == pytest.approx(direct.c) and dataset["alpha"] == pytest.approx(
+        direct.alpha)
+    # two sizes only, or a size with PU = 0: exit code 2 with the culprit named
+    assert main(["scaling", "fit", "--results", *paths[:2], "--out", str(out)]) == 2
+    _write_result(paths[0], sizes[-1], [0.0, 0.1, 0.1, 0.1])
+    capsys.readouterr()
+    assert main(["scaling", "fit", "--results", *paths, "--level", "instance",
+                 "--out", str(out)]) == 2
+    assert "size 8e+07, instance 0" in capsys.readouterr().err

@@ -23,6 +23,8 @@ _EXPORTS = {
     # passuntil.py: PassUntil sampling and its estimator
     "pass_until": "passuntil", "pass_until_estimate": "passuntil",
     "PassUntilResult": "passuntil", "greedy_accuracy": "passuntil",
+    # plots.py: the task scaling law's figure
+    "plot_task_scaling": "plots",
     # task_fit.py: task scaling law and accelerated emergence
     "fit_task_scaling": "task_fit", "TaskScaling": "task_fit",
     "accelerated_emergence": "task_fit", "Emergence": "task_fit",
