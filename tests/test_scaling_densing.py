@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -540,10 +541,28 @@ def test_cli_density_on_a_fabricated_family(tmp_path, monkeypatch, capsys):
     assert lo < 1.0 and (hi is None or hi > 1.0)
     for name in ("loss_law.png", "score_law.png", "density.png"):
         assert (figures / name).stat().st_size > 10_000
+    assert result["holdout_largest"] is None  # two sizes: one left cannot fit the law
     # the rerun reads every evaluation from the cache (the scorer is not called again)
     monkeypatch.setattr(passuntil, "greedy_accuracy", None)
     assert main(argv) == 0
     assert json.loads(out.read_text())["models"][0]["density"] == model["density"]
+    capsys.readouterr()
+    # --score passuntil: the mean of per-instance estimates, its standard error over instances
+    offsets = np.tile([0.01, -0.01], 4)
+
+    def pass_until(model, tokenizer, instances, *, check, **_):
+        mean = scorer(model, tokenizer, instances, check, batch_size=8)
+        return types.SimpleNamespace(estimate=mean + offsets, mean_estimate=mean)
+
+    monkeypatch.setattr(passuntil, "pass_until", pass_until)
+    assert main(argv + ["--score", "passuntil", "--loss", "eval"]) == 0
+    result = json.loads(out.read_text())
+    (model,) = result["models"]
+    assert result["score"] == "passuntil" and "conditional_loss" not in model
+    assert model["score_stderr"] == pytest.approx(0.01 * math.sqrt(8 / 7) / math.sqrt(8))
+    assert model["density"] == pytest.approx(1.0, rel=1e-3)
+    lo, hi = model["density_interval"]
+    assert lo < 1.0 < hi < 2.0
     capsys.readouterr()
     # typed errors before any compute
     assert main(["scaling", "density", "--family", str(runs), "--model", str(member),
@@ -561,3 +580,19 @@ def dataclasses_asdict(x):
     import dataclasses
 
     return dataclasses.asdict(x)
+
+
+def test_holdout_of_the_largest_size():
+    """The loss law fitted without the largest size, and its relative error there."""
+    from cpmjax.scaling.cli_density import _holdout_largest
+
+    n, d = _grid(5, 3)
+    points = [{"n_params": a, "tokens": b, "loss": _loss(a, b, **LOSS_TRUTH)}
+              for a, b in zip(n, d, strict=True)]
+    exact = _holdout_largest(points)
+    assert exact["n_params"] == n.max() and exact["points"] == 3
+    assert exact["max_relative_error"] < 1e-8
+    bent = [dict(p, loss=p["loss"] * (1.03 if p["n_params"] == n.max() else 1.0))
+            for p in points]
+    assert _holdout_largest(bent)["max_relative_error"] == pytest.approx(0.03 / 1.03, rel=1e-6)
+    assert _holdout_largest(points[:6]) is None  # two sizes: one left
