@@ -43,6 +43,7 @@ from cpmjax.errors import (
     InputError,
     OutOfRangeError,
     PromptTooLongError,
+    TokenIdError,
 )
 
 __all__ = [
@@ -101,8 +102,6 @@ def _tokenize_examples(examples: Iterable[Any], tokenizer: Any, vocab_size: int,
         ids = prompt_ids + answer_ids
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            from cpmjax.errors import TokenIdError
-
             raise TokenIdError(f"examples[{i}] has token id {bad[0]} outside the vocabulary "
                                f"[0, {vocab_size})")
         if len(ids) - 1 > max_len:
@@ -157,6 +156,7 @@ def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
                               config.max_position_embeddings)
     graphdef, state = nnx.split(model)
     batch_loss = _batch_loss_fn(graphdef, int(chunk))
+    batch_size = min(int(batch_size), len(rows))  # one row count for every batch of this call
     total, count = 0.0, 0.0
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
