@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -273,9 +274,26 @@ def _task_defaults(check: Callable[..., bool], max_new_tokens: int | None,
     return int(max_new_tokens), (stop or None)
 
 
+_STOP_IDS: dict[tuple[int, int, str | None], tuple[Any, tuple[int, ...]]] = {}
+
+
 def stop_token_ids(tokenizer: Any, vocab_size: int, stop: str | None) -> tuple[int, ...]:
     """The ids generation stops on: the tokenizer's EOS and every id whose text contains
-    ``stop`` (the completion is then cut before ``stop``)."""
+    ``stop`` (the completion is then cut before ``stop``). Decoding a whole vocabulary takes
+    ~0.5 s, so the answer is kept per (live) tokenizer, vocabulary size and stop string."""
+    key = (id(tokenizer), int(vocab_size), stop)
+    cached = _STOP_IDS.get(key)
+    if cached is not None and cached[0]() is tokenizer:
+        return cached[1]
+    ids = _find_stop_ids(tokenizer, vocab_size, stop)
+    try:
+        _STOP_IDS[key] = (weakref.ref(tokenizer), ids)
+    except TypeError:  # an object without weak references: not cached
+        pass
+    return ids
+
+
+def _find_stop_ids(tokenizer: Any, vocab_size: int, stop: str | None) -> tuple[int, ...]:
     ids: set[int] = set()
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, int) and 0 <= eos < vocab_size:
