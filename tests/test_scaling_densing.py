@@ -416,7 +416,12 @@ def test_cli_density_trend(tmp_path, capsys):
     # two models on one date, a missing column: typed errors, exit code 2
     table.write_text("name,date,params,density\na,2024-01-01,1,1\nb,2024-01-01,1,2\n")
     assert main(["scaling", "density-trend", "--csv", str(table)]) == 2
-    assert "a (line 2) and b (line 3) share the date 2024-01-01" in capsys.readouterr().err
+    assert "b (line 3) and a (line 2) share the date 2024-01-01" in capsys.readouterr().err
+    table.write_text("name,date,params,density\na,2024-01-01,1,1\nb,2024-01-01,1,2\n"
+                     "c,2024-03-01,1,3\n")
+    assert main(["scaling", "density-trend", "--csv", str(table), "--densest-per-date",
+                 "--out", str(out)]) == 0
+    assert [m["name"] for m in json.loads(out.read_text())["models"]] == ["b", "c"]
     table.write_text("name,date,density\na,2024-01-01,1\n")
     assert main(["scaling", "density-trend", "--csv", str(table)]) == 2
     assert "missing column(s) params" in capsys.readouterr().err

@@ -78,6 +78,8 @@ def add_commands(subparsers: Any) -> None:
     t.add_argument("--csv", required=True, help="table with columns name,date,params,density")
     t.add_argument("--breakpoint", default=None,
                    help="a date (YYYY-MM-DD): also fit before and from it on, and compare")
+    t.add_argument("--densest-per-date", action="store_true",
+                   help="keep the densest model of each date instead of refusing a shared date")
     t.add_argument("--level", type=float, default=0.95)
     t.add_argument("--figure", default=None, help="write the trend figure here (PNG)")
     t.add_argument("--out", default=None, help="write the fit as JSON here")
@@ -334,9 +336,10 @@ def _none_if_inf(value: float) -> float | None:
 # density-trend
 
 
-def read_density_table(path: str) -> list[dict[str, Any]]:
+def read_density_table(path: str, *, densest_per_date: bool = False) -> list[dict[str, Any]]:
     """Rows ``{name, date, params, density}`` of a CSV table, sorted by date; a missing column,
-    a bad number or two models on one date raise typed errors naming the row."""
+    a bad number or two models on one date (unless ``densest_per_date``: then the densest of
+    them is kept) raise typed errors naming the row."""
     import datetime as dt
 
     if not os.path.isfile(path):
@@ -363,7 +366,9 @@ def read_density_table(path: str) -> list[dict[str, Any]]:
                 raise InputError(f"{path}:{line}: {exc}") from None
             rows.append({"name": row["name"], "date": date, "params": params, "density": rho,
                          "line": line})
-    rows.sort(key=lambda r: r["date"])
+    rows.sort(key=lambda r: (r["date"], -r["density"]))
+    if densest_per_date:
+        rows = [r for i, r in enumerate(rows) if i == 0 or rows[i - 1]["date"] != r["date"]]
     for prev, row in zip(rows, rows[1:], strict=False):
         if prev["date"] == row["date"]:
             raise FitError(f"{path}: {prev['name']} (line {prev['line']}) and {row['name']} "
@@ -375,7 +380,7 @@ def read_density_table(path: str) -> list[dict[str, Any]]:
 def run_density_trend(args: Any) -> int:
     from cpmjax.scaling.densing import fit_density_trend
 
-    rows = read_density_table(args.csv)
+    rows = read_density_table(args.csv, densest_per_date=args.densest_per_date)
     trend = fit_density_trend([r["date"] for r in rows], [r["density"] for r in rows],
                               breakpoint=args.breakpoint, level=args.level)
 
