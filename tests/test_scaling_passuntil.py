@@ -211,6 +211,8 @@ def test_pass_rate_matches_the_model(tiny):
     pooled = np.sum(truth * result.samples)
     assert abs(pooled - r * len(items)) < 4 * np.sqrt(np.sum(r * (1 - truth))), pooled
     assert result.total_samples == result.samples.sum() > len(items) * r
+    # one prompt-length bucket: compiled in the first round at most, reused by the others
+    assert result.compiled_rounds <= 1 < result.rounds
 
 
 def test_deterministic_and_early_stop(tiny):

@@ -161,6 +161,7 @@ class PassUntilResult:
     temperature: float
     seed: int
     rounds: int = 0
+    compiled_rounds: int = 0  # rounds that compiled a program (once per prompt-length bucket)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -190,6 +191,7 @@ class PassUntilResult:
             "temperature": self.temperature,
             "seed": self.seed,
             "rounds": self.rounds,
+            "compiled_rounds": self.compiled_rounds,
             "mean_estimate": self.mean_estimate,
             "total_samples": self.total_samples,
             "total_passes": self.total_passes,
@@ -206,7 +208,7 @@ class PassUntilResult:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> PassUntilResult:
         known = {"kind", "required_passes", "max_samples", "confidence", "temperature", "seed",
-                 "rounds", "mean_estimate", "total_samples", "total_passes",
+                 "rounds", "compiled_rounds", "mean_estimate", "total_samples", "total_passes",
                  "truncated_instances", "instances"}
         try:
             rows = record["instances"]
@@ -223,6 +225,7 @@ class PassUntilResult:
                 temperature=float(record["temperature"]),
                 seed=int(record["seed"]),
                 rounds=int(record.get("rounds", 0)),
+                compiled_rounds=int(record.get("compiled_rounds", 0)),
                 metadata={k: v for k, v in record.items() if k not in known},
             )
         except (KeyError, TypeError) as exc:
@@ -435,7 +438,7 @@ def pass_until(
     samples = np.zeros(count, np.int64)
     filler = int(np.argmin([len(p) for p in prompts]))  # pads a short batch (results ignored)
     bar = tqdm(total=count, desc="PassUntil", unit="instance", disable=not progress)
-    round_index, cursor = 0, 0
+    round_index, cursor, compiled_rounds = 0, 0, 0
     try:
         while True:
             active = np.flatnonzero((passes < r) & (samples < budget))
@@ -448,6 +451,7 @@ def pass_until(
             result = generate(
                 model, [prompts[i] for i in rows], max_new_tokens, temperature=temperature,
                 seed=_round_seed(seed, round_index), stop_token_ids=stops, pad_token_id=pad_id)
+            compiled_rounds += result.stats.compile_seconds > 0
             row = 0
             for i, k in plan:
                 for _ in range(k):
@@ -467,7 +471,7 @@ def pass_until(
         ids=[_instance_id(x, i) for i, x in enumerate(instances)], passes=passes,
         samples=samples, estimate=estimate, low=low, high=high, required_passes=r,
         max_samples=budget, confidence=confidence, temperature=float(temperature),
-        seed=int(seed), rounds=round_index)
+        seed=int(seed), rounds=round_index, compiled_rounds=compiled_rounds)
 
 
 def greedy_accuracy(
