@@ -30,7 +30,8 @@ _EXPORTS = {
     "accelerated_emergence": "task_fit", "Emergence": "task_fit",
     # family.py: the wind tunnel
     "FamilyConfig": "family", "load_family_config": "family", "train_family": "family",
-    "family_runs": "family", "non_embedding_params": "family",
+    "family_runs": "family", "non_embedding_params": "family", "FamilyRun": "family",
+    "FamilyBranch": "family", "lr_sweep": "family", "lr_sweep_results": "family",
     # densing.py: the Densing Law
     "conditional_loss": "densing", "fit_loss_law": "densing", "LossLaw": "densing",
     "fit_score_law": "densing", "ScoreLaw": "densing", "effective_params": "densing",

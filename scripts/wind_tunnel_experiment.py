@@ -1,0 +1,285 @@
+"""The wind tunnel's experiment: PassUntil on the family, a task scaling law fitted on the
+smaller models, the prediction for the largest written before it is trained, then the report.
+
+    # 1. PassUntil and greedy accuracy of each size's final decay branch on each task's test split
+    python scripts/wind_tunnel_experiment.py eval --family runs/wind-tunnel \\
+        --sizes wt-s1,wt-s2,wt-s3,wt-s4 --out runs/wt-eval [--instances 100] [--max-samples M]
+    # 2. fit on those sizes, predict the largest (its size from the family config): commit it
+    python scripts/wind_tunnel_experiment.py predict --family runs/wind-tunnel \\
+        --config configs/wind-tunnel.yaml --eval runs/wt-eval --sizes wt-s1,wt-s2,wt-s3,wt-s4 \\
+        --target wt-s5 --out docs/benchmarks/wind_tunnel_prediction.json
+    # 3. (train and evaluate the largest), then the report
+    python scripts/wind_tunnel_experiment.py report --family runs/wind-tunnel --eval runs/wt-eval \\
+        --prediction docs/benchmarks/wind_tunnel_prediction.json --out docs/benchmarks/passuntil.md
+
+The instances are the first ``--instances`` of each task's test split (``<family>/tasks``),
+never trained on. Results are JSON files ``<eval>/<size>/<task>.json`` (``PassUntilResult``
+with the greedy accuracy in its metadata); an existing file is not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from cpmjax.hf import from_pretrained
+    from cpmjax.scaling import (
+        family_runs,
+        get_task,
+        greedy_accuracy,
+        load_instances,
+        non_embedding_params,
+        pass_until,
+    )
+    from cpmjax.tokenizer import load_tokenizer
+
+    runs = {r.name: r for r in family_runs(args.family)}
+    tasks = args.tasks.split(",") if args.tasks else sorted(
+        os.listdir(os.path.join(args.family, "tasks")))
+    for name in args.sizes.split(","):
+        run = runs[name]
+        if run.export_dir is None:
+            raise SystemExit(f"{name} has no finished decay branch in {args.family}")
+        model = from_pretrained(run.export_dir, dtype="float32")
+        tokenizer = load_tokenizer(run.export_dir)
+        for task_name in tasks:
+            out = os.path.join(args.out, name, f"{task_name}.json")
+            if os.path.isfile(out):
+                continue
+            task = get_task(task_name)
+            instances = load_instances(os.path.join(args.family, "tasks", task_name))
+            instances = instances[:args.instances]
+            t0 = time.perf_counter()
+            result = pass_until(model, tokenizer, instances, check=task.check,
+                                required_passes=args.required_passes,
+                                max_samples=args.max_samples, batch_size=args.batch_size,
+                                temperature=args.temperature, seed=args.seed,
+                                progress=not args.no_progress)
+            seconds = time.perf_counter() - t0
+            greedy = greedy_accuracy(model, tokenizer, instances, task.check,
+                                     batch_size=min(args.batch_size, len(instances)))
+            result.metadata.update(
+                model=os.path.abspath(run.export_dir), size=name, task=task_name,
+                non_embedding_params=non_embedding_params(model), branch_tokens=run.final.tokens,
+                greedy_accuracy=greedy, seconds=seconds,
+                samples_per_second=result.total_samples / max(seconds, 1e-9))
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            result.save(out)
+            print(f"[eval] {name} {task_name}: PU {result.mean_estimate:.4g} "
+                  f"({result.total_samples} samples, {int(result.truncated.sum())} truncated, "
+                  f"{seconds:.0f} s), greedy {greedy:.3f}", file=sys.stderr, flush=True)
+
+
+def _load_eval(directory: str, size: str, task: str):
+    from cpmjax.scaling import PassUntilResult
+
+    path = os.path.join(directory, size, f"{task}.json")
+    return PassUntilResult.load(path) if os.path.isfile(path) else None
+
+
+def _prediction_interval(law, n_target: float, confidence: float = 0.95) -> list[float] | None:
+    """The OLS prediction interval of the fitted line ``F = log(-log PU)`` against ``log N`` at
+    ``n_target``, mapped back to PU (the spread of the points about the line, not only the
+    coefficients' error)."""
+    from scipy.stats import t
+
+    x = np.log(np.asarray(law.n_params, np.float64))
+    y = np.log(-np.log(np.asarray(law.pass_rates, np.float64)))
+    k = x.size
+    if k < 3:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    s = np.sqrt(np.sum(residual**2) / (k - 2))
+    x0 = np.log(n_target)
+    se = s * np.sqrt(1 + 1 / k + (x0 - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
+    q = t.ppf(0.5 + confidence / 2, k - 2)
+    f0 = slope * x0 + intercept
+    # PU = exp(-exp(F)): decreasing in F
+    return [float(np.exp(-np.exp(f0 + q * se))), float(np.exp(-np.exp(f0 - q * se)))]
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from cpmjax.report import write_json
+    from cpmjax.scaling import (
+        fit_task_scaling,
+        load_family_config,
+        non_embedding_params,
+    )
+
+    config = load_family_config(args.config)
+    target = config.size(args.target)
+    n_target = non_embedding_params(config.model_fields_for(target))
+    index = os.path.join(args.family, "family.json")
+    with open(index) as f:
+        trained = json.load(f)["runs"]
+    if args.target in trained and any(b.get("done") for b in
+                                      trained[args.target].get("branches", {}).values()):
+        raise SystemExit(f"{args.target} already has a finished branch: a prediction must be "
+                         "written before the model is trained")
+    sizes = args.sizes.split(",")
+    tasks = sorted({f[:-5] for s in sizes for f in os.listdir(os.path.join(args.eval, s))})
+    record = {"kind": "wind_tunnel_prediction",
+              "written_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "git_head": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                         text=True).stdout.strip(),
+              "target": {"name": args.target, "non_embedding_params": n_target,
+                         "layers": target.layers, "width": target.hidden},
+              "fit_sizes": sizes, "tasks": {}}
+    for task in tasks:
+        results = [_load_eval(args.eval, s, task) for s in sizes]
+        if any(r is None for r in results):
+            continue
+        n = np.array([r.metadata["non_embedding_params"] for r in results], np.float64)
+        rates = np.array([r.mean_estimate for r in results])
+        entry = {"n_params": n.tolist(), "pass_rates": rates.tolist(),
+                 "low": [float(r.low.mean()) for r in results],
+                 "high": [float(r.high.mean()) for r in results],
+                 "greedy_accuracy": [r.metadata.get("greedy_accuracy") for r in results]}
+        try:
+            law = fit_task_scaling(n, rates)
+            entry.update(fit=law.to_json(), predicted_pass_rate=float(law.predict(n_target)),
+                         prediction_interval_95=_prediction_interval(law, n_target))
+        except Exception as exc:  # a fit that cannot run is recorded, not hidden
+            entry["fit_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            per_instance = np.stack([r.estimate for r in results])
+            law_i = fit_task_scaling(n, per_instance, level="instance")
+            entry["instance_level"] = {"r2": law_i.r2,
+                                       "predicted_pass_rate": float(law_i.predict(n_target))}
+        except Exception as exc:
+            entry["instance_level"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        record["tasks"][task] = entry
+        print(f"[predict] {task}: PU {rates.round(5).tolist()} -> "
+              f"{entry.get('predicted_pass_rate', entry.get('fit_error'))}", file=sys.stderr)
+    write_json(args.out, record)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from cpmjax.report import machine_info, markdown_table, write_json, write_text
+    from cpmjax.scaling import family_runs
+    from cpmjax.scaling.family import lr_sweep_results
+
+    runs = family_runs(args.family)
+    with open(os.path.join(args.family, "family.json")) as f:
+        index = json.load(f)
+    family_rows = []
+    for r in runs:
+        stable = index["runs"][r.name].get("stable", {})
+        for b in r.branches:
+            family_rows.append([r.name, r.layers, r.width, r.non_embedding_params,
+                                r.total_params, b.start_step, b.steps, b.tokens, b.train_loss,
+                                b.eval_loss, round(b.wall_s), round(stable.get("wall_s", 0))])
+    sweep = lr_sweep_results(args.family)
+    sweep_lrs = sorted({float(k) for v in sweep.values() for k in v})
+    sweep_rows = []
+    for name, by_lr in sweep.items():
+        first = next(iter(by_lr.values()))
+        cells = [by_lr.get(f"{lr:g}", {}).get("eval_loss") for lr in sweep_lrs]
+        best = sweep_lrs[int(np.nanargmin([c if c is not None else np.nan for c in cells]))]
+        sweep_rows.append([name, first["layers"], first["width"], *cells, best])
+    sizes = [r.name for r in runs]
+    tasks = sorted({f[:-5] for s in sizes if os.path.isdir(os.path.join(args.eval, s))
+                    for f in os.listdir(os.path.join(args.eval, s))})
+    pu_rows, results_json = [], {}
+    for s in sizes:
+        for task in tasks:
+            res = _load_eval(args.eval, s, task)
+            if res is None:
+                continue
+            m = res.metadata
+            pu_rows.append([s, task, m["non_embedding_params"], len(res.ids),
+                            res.mean_estimate, float(res.low.mean()), float(res.high.mean()),
+                            res.total_samples, int(res.truncated.sum()),
+                            m.get("greedy_accuracy"), round(m.get("samples_per_second", 0))])
+            results_json.setdefault(s, {})[task] = {
+                k: v for k, v in res.to_json().items() if k != "instances"}
+    prediction = None
+    compare_rows = []
+    if args.prediction and os.path.isfile(args.prediction):
+        with open(args.prediction) as f:
+            prediction = json.load(f)
+        target = prediction["target"]["name"]
+        for task, entry in prediction["tasks"].items():
+            measured = _load_eval(args.eval, target, task)
+            pred = entry.get("predicted_pass_rate")
+            meas = measured.mean_estimate if measured else None
+            rel = abs(pred - meas) / meas if pred is not None and meas else None
+            r2 = entry.get("fit", {}).get("r2")
+            compare_rows.append([task, r2, pred, entry.get("prediction_interval_95"), meas,
+                                 [float(measured.low.mean()), float(measured.high.mean())]
+                                 if measured else None, rel,
+                                 (r2 is not None and r2 >= 0.9 and rel is not None
+                                  and rel <= 0.25)])
+    data = {"meta": machine_info(), "family": family_rows, "lr_sweep": sweep,
+            "passuntil": results_json, "prediction": prediction,
+            "predicted_vs_measured": compare_rows}
+    write_json(os.path.splitext(args.out)[0] + ".json", data)
+    parts = [
+        "## The family (wind tunnel)\n",
+        markdown_table(["size", "layers", "width", "non-emb params", "params", "branch from",
+                        "steps", "tokens", "train loss", "held-out loss", "branch s",
+                        "stable s"], family_rows, align="lrrrrrrrrrrr", float_format=".4g"),
+        "\n## μP learning-rate sweep (held-out loss after the short run)\n",
+        markdown_table(["size", "layers", "width", *[f"lr {lr:g}" for lr in sweep_lrs],
+                        "best lr"], sweep_rows, align="lrr" + "r" * len(sweep_lrs) + "r",
+                       float_format=".4g") if sweep_rows else "(not run)",
+        "\n## PassUntil and greedy accuracy per model and task\n",
+        markdown_table(["size", "task", "non-emb params", "instances", "PU", "PU low (mean)",
+                        "PU high (mean)", "samples", "truncated", "greedy acc", "samples/s"],
+                       pu_rows, align="llrrrrrrrrr", float_format=".3g"),
+        "\n## Predicted vs measured (largest model)\n",
+        markdown_table(["task", "fit R²", "predicted PU", "95% prediction interval",
+                        "measured PU", "measured interval (mean)", "relative error",
+                        "target met"], compare_rows, align="lrrrrrrl", float_format=".3g")
+        if compare_rows else "(not measured yet)",
+    ]
+    write_text(args.out + ".tables", "\n".join(parts) + "\n")
+    print("\n".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval")
+    p.add_argument("--family", required=True)
+    p.add_argument("--sizes", required=True)
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--instances", type=int, default=100)
+    p.add_argument("--required-passes", type=int, default=1)
+    p.add_argument("--max-samples", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("predict")
+    p.add_argument("--family", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--sizes", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_predict)
+    p = sub.add_parser("report")
+    p.add_argument("--family", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--prediction", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

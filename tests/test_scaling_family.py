@@ -1,0 +1,152 @@
+"""The wind tunnel: family config checks, parameter counts, and a two-size micro family with one
+decay branch each that trains, records its index, and does no work when run again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from cpmjax.errors import ConfigError
+from cpmjax.scaling import (
+    family_runs,
+    load_family_config,
+    non_embedding_params,
+    train_family,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _micro(tmp_path, **changes):
+    text = tmp_path / "text"
+    text.mkdir(exist_ok=True)
+    for i in range(12):  # a small local corpus: this repository's own docs and sources
+        (text / f"doc{i}.txt").write_text(
+            open(os.path.join(ROOT, "cpmjax", "scaling", "tasks.py")).read()[i * 400:(i + 3) * 400])
+    config = {
+        "out_dir": str(tmp_path / "family"),
+        "head_dim": 8,
+        "sizes": [{"name": "m1", "layers": 1, "hidden": 16},
+                  {"name": "m2", "layers": 2, "hidden": 32}],
+        "data": {"text_sources": [str(text)], "text_bytes": 20000, "n_train": 120,
+                 "n_test": 10, "vocab_size": 300, "seq_len": 32, "batch_size": 2,
+                 "eval_fraction": 0.2, "documents_per_shard": 4},
+        "branches": {"starts": [4], "decay_fraction": 0.5},
+        "recipe": {
+            "model": {"config": {"model_type": "minicpm", "tie_word_embeddings": True,
+                                 "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 16,
+                                 "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
+                      "init_std": 0.1},
+            "optim": {"lr": 0.01, "warmup_steps": 2},
+            "run": {"log_every": 1, "eval_batches": 1, "loss_chunk": 32, "loss_remat": False,
+                    "tensorboard": False, "async_checkpointing": False},
+        },
+    }
+    config.update(changes)
+    path = tmp_path / "family.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_wind_tunnel_config_spans_the_family():
+    config = load_family_config(os.path.join(ROOT, "configs", "wind-tunnel.yaml"))
+    counts = [non_embedding_params(config.model_fields_for(s)) for s in config.sizes]
+    assert len(counts) >= 5 and counts == sorted(counts)
+    assert counts[-1] / counts[0] >= 30 and config.span() == counts[-1] / counts[0]
+    layers = [s.layers for s in config.sizes]
+    widths = [s.hidden for s in config.sizes]
+    assert layers == sorted(layers) and widths == sorted(widths) and layers[0] < layers[-1]
+    assert 2 <= len(config.branches.starts) <= 3
+    fields = [config.model_fields_for(s) for s in config.sizes]
+    assert {f["model_type"] for f in fields} == {"minicpm"}
+    assert len({(f["scale_emb"], f["dim_model_base"], f["scale_depth"]) for f in fields}) == 1
+    assert config.recipe["model"]["init_std"] == 0.1
+
+
+def test_non_embedding_params_matches_the_model():
+    from flax import nnx
+
+    from cpmjax.models import CausalLM, ModelConfig
+
+    rng = __import__("random").Random(0)
+    for _ in range(4):
+        heads = rng.choice([1, 2, 4])
+        fields = {"model_type": "minicpm", "hidden_size": 8 * heads * rng.choice([1, 2]),
+                  "intermediate_size": rng.choice([16, 40]), "vocab_size": 128 * rng.randint(1, 3),
+                  "num_hidden_layers": rng.randint(1, 3), "num_attention_heads": heads,
+                  "num_key_value_heads": heads, "tie_word_embeddings": rng.random() < 0.5,
+                  "dim_model_base": 8}
+        mc = ModelConfig.from_hf_dict(fields)
+        model = CausalLM(mc, rngs=nnx.Rngs(0))
+        total = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        embedding = mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
+        assert non_embedding_params(model) == total - embedding
+        assert non_embedding_params(mc) == non_embedding_params(fields) == total - embedding
+
+
+def test_bad_family_configs(tmp_path):
+    with pytest.raises(ConfigError, match="grow in layers and width"):
+        load_family_config(_micro(tmp_path, sizes=[{"name": "a", "layers": 2, "hidden": 32},
+                                                   {"name": "b", "layers": 1, "hidden": 64}]))
+    with pytest.raises(ConfigError, match="min_ratio"):
+        load_family_config(_micro(tmp_path, require={"min_ratio": 30}))
+    with pytest.raises(ConfigError, match="min_sizes"):
+        load_family_config(_micro(tmp_path, require={"min_sizes": 5}))
+    with pytest.raises(ConfigError, match="warmup"):
+        load_family_config(_micro(tmp_path, branches={"starts": [1]}))
+    with pytest.raises(ConfigError, match="distinct"):
+        load_family_config(_micro(tmp_path, sizes=[{"name": "a", "layers": 1, "hidden": 16},
+                                                   {"name": "a", "layers": 2, "hidden": 32}]))
+    with pytest.raises(ConfigError, match="nope"):
+        train_family(load_family_config(_micro(tmp_path)), only=["nope"])
+
+
+@pytest.mark.slow
+def test_micro_family_trains_branches_and_resumes(tmp_path, monkeypatch):
+    config = load_family_config(_micro(tmp_path))
+    plan = train_family(config, dry_run=True, progress=False)
+    assert [p["action"] for p in plan] == ["train"] * 4
+    assert not os.path.exists(config.out_dir)  # a dry run touches nothing
+
+    train_family(config, progress=False)
+    runs = family_runs(config.out_dir)
+    assert [r.name for r in runs] == ["m1", "m2"]
+    for run in runs:
+        assert len(run.branches) == 1
+        branch = run.final
+        assert branch.start_step == 4 and branch.steps == 6
+        assert branch.tokens == 6 * 2 * 32 == run.branch_tokens[0]
+        assert branch.train_loss > 0 and branch.eval_loss > 0 and run.wall_s > 0
+        assert os.path.isfile(os.path.join(branch.export_dir, "model.safetensors"))
+        with open(os.path.join(branch.export_dir, "config.json")) as f:
+            assert json.load(f)["hidden_size"] == run.width
+    assert runs[0].non_embedding_params < runs[1].non_embedding_params
+    index = json.load(open(os.path.join(config.out_dir, "family.json")))
+    entry = index["runs"]["m2"]
+    assert entry["branches"]["4"]["config"]["optim"]["decay_start"] == 4
+    assert entry["stable"]["config"]["optim"]["schedule"] == "constant"
+    # the branch started from the stable run's step-4 state: the same tokens seen before it
+    stable_metrics = [json.loads(x) for x in open(
+        os.path.join(config.out_dir, "m2", "stable", "metrics.jsonl")) if '"loss"' in x]
+    branch_metrics = [json.loads(x) for x in open(
+        os.path.join(config.out_dir, "m2", "decay-4", "metrics.jsonl")) if '"loss"' in x]
+    assert [r["step"] for r in branch_metrics] == [5, 6]
+    # the stable run ends at the peak rate; the branch decays from it
+    assert stable_metrics[-1]["lr"] == pytest.approx(0.01)
+    assert branch_metrics[0]["lr"] == pytest.approx(0.01)
+    assert branch_metrics[1]["lr"] < branch_metrics[0]["lr"]
+
+    mtimes = {p: os.path.getmtime(p) for p in (os.path.join(config.out_dir, "family.json"),
+                                               runs[1].export_dir)}
+    import cpmjax.scaling.family as family_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished family was trained again")
+
+    monkeypatch.setattr(family_module, "_timed_train", no_training)
+    again = train_family(config, progress=False)
+    assert [p["action"] for p in again] == ["skip"] * 4
+    assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
