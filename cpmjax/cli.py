@@ -33,6 +33,7 @@ _PLUGINS = [
     ("cpmjax.launch", "register"),
     ("cpmjax.tools.cli", "register"),
     ("cpmjax.scaling.cli", "register"),
+    ("cpmjax.fusion.cli", "register"),
 ]
 
 

@@ -194,3 +194,22 @@ def test_bad_specialists_are_typed_errors(specialists):
         FusedLM(specialists)(ids(), gate_weights=jnp.ones((2, 9, 2)) / 2)
     with pytest.raises(MissingPathError, match="'code'"):
         cpmjax.fusion.from_specialist_dirs(["/nonexistent/a"], names=["code"])
+
+
+def test_cli_generates_from_a_fused_directory(tmp_path, specialists, capsys):
+    from cpmjax.cli import main
+
+    tok = word_tokenizer(tmp_path / "tok")
+    fused = FusedLM([tiny(1, vocab=len(tok) + 13), tiny(2, vocab=len(tok) + 13)],
+                    names=["a", "b"], rngs=nnx.Rngs(1))
+    out = save_fused(fused, tmp_path / "fused", tokenizer_dir=str(tmp_path / "tok"))
+    assert main(["generate", "--model", out, "--prompt", "def fibonacci ( n )",
+                 "--max-new-tokens", "4", "--no-stop"]) == 0
+    captured = capsys.readouterr()
+    ids = tok("def fibonacci ( n )", add_special_tokens=True)["input_ids"]
+    expected = cpmjax.generate(fused, [ids], 4)
+    text = tok.decode(expected.row(0), skip_special_tokens=True)
+    assert captured.out == "def fibonacci ( n )" + text + "\n"
+    assert "fused (2 specialists: a, b)" in captured.err
+    assert main(["generate", "--model", out, "--prompt", "a", "--prefill", "ring"]) == 2
+    assert main(["fuse", "--config", str(tmp_path / "missing.yaml")]) == 2
