@@ -27,6 +27,9 @@ from cpmjax.errors import DeltaError
 
 Target = str | type
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
+#: recovery's default on cpmjax models: the attention and MLP projections of every decoder layer,
+#: found by name so that quantized layers (not ``nnx.Linear``) are found too
+RECOVERY_TARGETS = r"(.*\.)?layers\.\d+\.(self_attn|mlp)\.\w*_proj\w*"
 
 
 @dataclasses.dataclass
@@ -189,8 +192,8 @@ def default_targets(model: nnx.Module, method: str) -> list[Target]:
             return ["self_attn.q_proj", "self_attn.v_proj"]
         if method == "bitfit":
             return [nnx.Linear, RMSNorm]
-        if method == "recovery":  # CPET: beside every linear of the decoder (head excluded)
-            return [nnx.Linear]
+        if method == "recovery":  # CPET: beside every projection of the decoder, float or
+            return [RECOVERY_TARGETS]  # quantized (cpmjax.compress.QuantizedLinear); no head
         if method in ("adapter", "parallel_adapter", "low_rank_adapter", "compacter"):
             return ["self_attn", "mlp"]
         if method == "prefix":
