@@ -277,3 +277,30 @@ def test_math_generator_answers_are_exact():
     prompt, response = split_example(doc)
     assert prompt.endswith("###\n") and response == "r"
     assert os.path.basename(__file__) == "test_fusion_train.py"
+
+
+def test_evaluation_matches_its_reference(setup):
+    """domain_response_loss is the token-weighted mean response loss over all examples (the
+    padded last batch included correctly); mean_gate_weights the mean over response tokens."""
+    from cpmjax.fusion.evaluate import domain_response_loss, mean_gate_weights
+
+    tok, _ = setup
+    texts = [format_example("add 1 + 2", "answer is 3 ."),
+             format_example("take the a b", "c d e f g"),
+             format_example("def x", "return y z")]
+    fused = fresh()
+    marker = tok.convert_tokens_to_ids("###")
+    rows = encode_examples(texts, tok, 16)
+    sampler = BalancedSampler({"all": rows}, 3, bos_id=1, pad_id=3, loss_after_id=marker)
+    sampler.indices = lambda batch: (np.zeros(3, np.int32), np.arange(3))  # in order
+    batch = next(sampler)
+    for model in (fused, fused.specialists[1]):
+        ref = cross_entropy_reference(model(batch["input_ids"]), batch["targets"],
+                                      batch["loss_mask"])
+        got = domain_response_loss(model, tok, texts, seq_len=16, batch_size=2)
+        np.testing.assert_allclose(got, float(ref), rtol=1e-5)
+    w = np.asarray(fused.gate_weights(batch["input_ids"]))
+    m = batch["loss_mask"]
+    expected = (w * m[..., None]).sum((0, 1)) / m.sum()
+    got = mean_gate_weights(fused, tok, texts, seq_len=16, batch_size=2)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
