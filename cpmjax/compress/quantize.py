@@ -6,7 +6,9 @@ channel (``group_size=None``) or per group of ``group_size`` input rows of each 
 and the integer values; the layer calls ``qwix.dequantize`` and a float matmul. Per element
 the error is at most half a step: ``|w - dq(w)| <= scale / 2`` with ``scale = absmax /
 qmax`` of the channel or group (qwix takes qmax = 127.5 for int8, 7.5 for int4: the
-absmax lands half a step past the last level and is clipped to it).
+absmax lands half a step past the last level and is clipped to it). NF4 (``bits="nf4"``,
+qwix's ``"nf4"`` qtype) rounds ``w / absmax`` to the nearest of 16 fixed levels in [-1, 1]: the
+error is at most ``absmax * NF4_HALF_GAP`` (half the widest gap, 1 - 0.7230, so 0.1385).
 
 Why not ``qwix.quantize_model`` (its PTQ provider does quantize these models: int8 logits
 within 1e-3 on the tiny test model): it intercepts only the model's top-level call method,
@@ -44,8 +46,17 @@ from cpmjax.compress._common import (
 from cpmjax.errors import CompressionError, MissingPathError, QuantizedCheckpointError
 from cpmjax.safetensors_io import atomic_directory, read_tensors, save_file
 
-QTYPES = {8: jnp.int8, 4: jnp.int4}
-QMAX = {8: 127.5, 4: 7.5}
+QTYPES: dict[Any, Any] = {8: jnp.int8, 4: jnp.int4, "nf4": "nf4"}
+QMAX: dict[Any, float] = {8: 127.5, 4: 7.5, "nf4": 1.0}
+#: NF4's 16 levels (QLoRA, Appendix E; qwix's table): normal quantiles scaled to [-1, 1]
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+              0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+              0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+#: NF4's worst rounding error in units of the scale (absmax): half the widest gap of the levels
+NF4_HALF_GAP = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:], strict=False)) / 2
+SUB_BYTE = (jnp.int4, jnp.uint4)
 FORMAT = "cpmjax-quantized"
 WEIGHTS = "model.safetensors"
 CONFIG = "quantization.json"
@@ -103,8 +114,9 @@ class QuantizedLinear(nnx.Module):
 
 
 def _check(bits: Any, group_size: Any) -> None:
-    if bits not in QMAX or isinstance(bits, bool):
-        raise CompressionError(f"bits must be 8 or 4, got {bits!r}")
+    if isinstance(bits, bool) or bits not in QMAX:
+        raise CompressionError(f"bits must be 8 or 4 (or 'nf4': 4-bit NormalFloat), got "
+                               f"{bits!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(
             group_size, int) or group_size < 1):
         raise CompressionError(f"group_size must be None or a positive int, got {group_size!r}")
@@ -114,7 +126,8 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None,
              exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
     """Quantize the decoder's linear kernels of ``model`` in place, weight-only.
 
-    ``bits`` 8 or 4; ``group_size`` ``None`` (one scale per output channel) or the number of
+    ``bits`` 8, 4 or ``"nf4"`` (4-bit NormalFloat: 16 normal-quantile levels times the absmax
+of the channel or group, stored as uint4 level indices); ``group_size`` ``None`` (one scale per output channel) or the number of
     input rows sharing a scale (must divide every kernel's input dimension); ``exclude``:
     regular expressions over module paths (embeddings and head are excluded by default).
     Deltas attached before or after stay attached. Returns the quantized module paths."""
@@ -147,7 +160,7 @@ def weight_bytes(model: nnx.Module) -> int:
         arr = var[...]
         if not hasattr(arr, "dtype") or not hasattr(arr, "size"):
             continue
-        bits = 4 if arr.dtype == jnp.int4 else arr.dtype.itemsize * 8
+        bits = 4 if arr.dtype in SUB_BYTE else arr.dtype.itemsize * 8
         total += (arr.size * bits + 7) // 8
     return int(total)
 
@@ -175,13 +188,15 @@ def _quant_config(model: nnx.Module) -> dict[str, Any]:
 
 def save_quantized(model: nnx.Module, path: str) -> str:
     """Write a quantized model (its backbone, without deltas) to directory ``path``:
-    ``model.safetensors`` (int4 stored as int8) + ``quantization.json``; atomic."""
+    ``model.safetensors`` (int4 stored as int8, NF4 level indices as uint8) + ``quantization.json``; atomic."""
     config = _quant_config(model)
     tensors = {}
     for name, var in _flat(model).items():
         arr = var[...]
         if arr.dtype == jnp.int4:
             arr = arr.astype(jnp.int8)
+        elif arr.dtype == jnp.uint4:  # NF4 level indices
+            arr = arr.astype(jnp.uint8)
         tensors[name] = np.asarray(arr)
     with atomic_directory(path) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
