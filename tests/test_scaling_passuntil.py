@@ -354,3 +354,30 @@ def test_cli_passuntil(checkpoint, tmp_path):
                  "--required-passes", "50", "--out", str(out)]) == 2
     assert main(["scaling", "passuntil", *common, "--num-instances", "0",
                  "--out", str(out)]) == 2
+
+
+def test_batch_allocation():
+    """Rows per round: even shares over the active instances (round robin when there are more
+    than rows), never beyond an instance's remaining budget, never more than the batch."""
+    from cpmjax.scaling.passuntil import _allocate
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        count, batch = int(rng.integers(1, 40)), int(rng.integers(1, 70))
+        active = np.sort(rng.choice(100, size=count, replace=False))
+        remaining = np.zeros(100, np.int64)
+        remaining[active] = rng.integers(1, 30, size=count)
+        cursor = int(rng.integers(0, 50))
+        plan = _allocate(active, remaining, batch, cursor)
+        rows = dict(plan)
+        assert len(rows) == len(plan) and set(rows) <= set(active.tolist())
+        assert sum(rows.values()) <= batch
+        assert all(0 < k <= remaining[i] for i, k in plan)
+        if count <= batch:  # everyone gets a share; the batch is full unless budgets run out
+            assert len(plan) == count
+            assert sum(rows.values()) == min(batch, int(remaining[active].sum()))
+            uncapped = [k for i, k in plan if k < remaining[i]]
+            assert not uncapped or max(uncapped) - min(uncapped) <= 1  # even shares
+        else:  # one row each for batch instances, starting at the cursor
+            assert sorted(rows) == sorted(np.roll(active, -cursor)[:batch].tolist())
+            assert set(rows.values()) == {1}
