@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import word_tokenizer
 
 import cpmjax
 from cpmjax.errors import ConfigError, InputError, MissingPathError, ShapeMismatchError
 from cpmjax.fusion import FusedLM, fuse_logits, load_fused, save_fused
 from cpmjax.models import CausalLM, ModelConfig
-
-from helpers import word_tokenizer
 
 
 def tiny(seed: int, *, vocab: int = 64, hidden: int = 32, minicpm: bool = True) -> CausalLM:

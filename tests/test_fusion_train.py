@@ -3,7 +3,6 @@ response-only loss, and the data generator's exact math answers."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import jax
@@ -141,7 +140,7 @@ def test_empty_domain_is_a_typed_error(tmp_path, setup):
     empty.mkdir()
     base["data"]["domains"]["math"] = [str(empty)]
     with pytest.raises(ConfigError, match="math"):
-        train_fusion(load_fusion_config(None, None) if False else _config(base), fused=fresh())
+        train_fusion(_config(base), fused=fresh())
 
 
 def _config(base, **over):
@@ -276,7 +275,6 @@ def test_math_generator_answers_are_exact():
     assert doc.count("###") == 1
     prompt, response = split_example(doc)
     assert prompt.endswith("###\n") and response == "r"
-    assert os.path.basename(__file__) == "test_fusion_train.py"
 
 
 def test_evaluation_matches_its_reference(setup):
