@@ -178,8 +178,12 @@ def test_cli_fit(tmp_path, capsys):
     assert record["emergence"] is not None and "curvature" in record["emergence"]
     assert figure.stat().st_size > 10_000
     dataset_out = tmp_path / "dataset.json"
-    assert main(["scaling", "fit", "--results", *paths, "--out", str(dataset_out)]) == 0
-    dataset = json.loads(dataset_out.read_text())["fit"]
+    assert main(["scaling", "fit", "--results", *paths, "--out", str(dataset_out),
+                 "--predict", "1e9", "--figure", str(figure)]) == 0
+    written = json.loads(dataset_out.read_text())
+    dataset = written["fit"]
+    low, high = written["prediction"]["interval_95"]
+    assert low < written["prediction"]["pass_rate"] < high
     mean = np.array([np.mean(_law(s, c, alpha)) for s in sizes])
     direct = fit_task_scaling(sizes, mean)
     assert dataset["c"] == pytest.approx(direct.c) and dataset["alpha"] == pytest.approx(
@@ -191,3 +195,34 @@ def test_cli_fit(tmp_path, capsys):
     assert main(["scaling", "fit", "--results", *paths, "--level", "instance",
                  "--out", str(out)]) == 2
     assert "size 8e+07, instance 0" in capsys.readouterr().err
+
+
+def test_prediction_interval():
+    """Against the matrix form s^2 (1 + x0' (X'X)^-1 x0), and by coverage: a new noisy
+    measurement at a size beyond the fitted range falls inside 95% of the time."""
+    from scipy.stats import t as student_t
+
+    rng = np.random.default_rng(7)
+    x, x0 = np.log(SIZES), np.log(2e9)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    noise, draws, inside = 0.1, 2000, 0
+    for trial in range(draws):
+        f = np.log(30.0) - 0.25 * x + noise * rng.standard_normal(x.size)
+        law = fit_task_scaling(SIZES, np.exp(-np.exp(f)))
+        low, high = law.prediction_interval(2e9)
+        new = np.exp(-np.exp(np.log(30.0) - 0.25 * x0 + noise * rng.standard_normal()))
+        inside += bool(low <= new <= high)
+        if trial == 0:
+            coef, *_ = np.linalg.lstsq(design, f, rcond=None)
+            s2 = np.sum((f - design @ coef) ** 2) / (x.size - 2)
+            point = np.array([1.0, x0])
+            se = np.sqrt(s2 * (1 + point @ np.linalg.inv(design.T @ design) @ point))
+            q = student_t.ppf(0.975, x.size - 2)
+            expected = np.exp(-np.exp(point @ coef + np.array([q, -q]) * se))
+            np.testing.assert_allclose([low, high], expected, rtol=1e-9)
+            assert low < law.predict(2e9) < high
+    assert abs(inside / draws - 0.95) < 3.5 * np.sqrt(0.95 * 0.05 / draws), inside / draws
+    instance = fit_task_scaling(SIZES, np.stack([_law(SIZES, 30.0, 0.25)] * 2, axis=1),
+                                level="instance")
+    with pytest.raises(FitError, match="dataset-level"):
+        instance.prediction_interval(1e9)

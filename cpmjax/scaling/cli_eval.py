@@ -180,6 +180,9 @@ def run_fit(args: Any) -> int:
             raise FitError(f"--predict must be a positive size, got {args.predict}")
         record["prediction"] = {"n_params": args.predict,
                                 "pass_rate": float(law.predict(args.predict))}
+        if law.level == "dataset":
+            low, high = law.prediction_interval(args.predict)
+            record["prediction"]["interval_95"] = [float(low), float(high)]
     if args.figure:
         from cpmjax.scaling.plots import plot_task_scaling
 

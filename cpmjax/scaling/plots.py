@@ -26,7 +26,8 @@ def plot_task_scaling(
 ) -> str:
     """Save a figure of the dataset PU per size (points, with ``low``/``high`` error bars when
     given, ``[sizes]``), the fitted law over the measured range (extended to ``predict``), and
-    the predicted PU at ``predict`` (a star). ``labels``: a name per size. Returns the path."""
+    the predicted PU at ``predict`` (a star; for a dataset-level law with its 95% prediction
+    interval). ``labels``: a name per size. Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,8 +58,13 @@ def plot_task_scaling(
     ax.plot(grid, law.predict(grid), "-", color="C1", label=fit_label)
     if predict:
         value = float(law.predict(float(predict)))
-        ax.plot([predict], [value], "*", color="C3", markersize=14,
-                label=f"prediction at N={float(predict):.3g}: PU={value:.3g}")
+        label = f"prediction at N={float(predict):.3g}: PU={value:.3g}"
+        if law.level == "dataset":  # with its 95% prediction interval
+            low_p, high_p = (float(v) for v in law.prediction_interval(float(predict)))
+            ax.errorbar([predict], [value], yerr=[[value - low_p], [high_p - value]],
+                        fmt="none", ecolor="C3", capsize=4)
+            label += f" [{low_p:.3g}, {high_p:.3g}]"
+        ax.plot([predict], [value], "*", color="C3", markersize=14, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("non-embedding parameters N")

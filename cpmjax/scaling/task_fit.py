@@ -67,6 +67,34 @@ class TaskScaling:
         per_instance = np.exp(-c * n.reshape(-1)[None, :] ** (-alpha))  # [instances, sizes]
         return (self.weights @ per_instance).reshape(n.shape)
 
+    def prediction_interval(self, n_params: Any, confidence: float = 0.95
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)`` PU at ``n_params`` within which a new measurement of a model of that
+        size falls with probability ``confidence`` if the law holds with the scatter seen in the
+        fit: the OLS prediction interval of ``F = log(-log PU)`` on ``log N``,
+        ``F0 ± t_(k-2) · s · sqrt(1 + 1/k + (x0 - mean x)^2 / Sxx)``, mapped back through the
+        decreasing ``PU = exp(-exp(F))``. Dataset level only."""
+        from scipy.stats import t as student_t
+
+        if self.level != "dataset":
+            raise FitError("prediction_interval needs a dataset-level fit (the instance-level "
+                           "prediction is a mean of laws, not one line)")
+        if not 0.0 < float(confidence) < 1.0:
+            raise FitError(f"confidence must be in (0, 1), got {confidence}")
+        n = np.asarray(n_params, np.float64)
+        if np.any(~np.isfinite(n)) or np.any(n <= 0):
+            raise FitError(f"n_params must be positive sizes, got {n_params!r}")
+        x = np.log(self.n_params)
+        y = np.log(-np.log(self.pass_rates))
+        k = x.size
+        fitted = np.log(self.c) - self.alpha * x
+        spread = np.sqrt(np.sum((y - fitted) ** 2) / (k - 2))
+        x0 = np.log(n)
+        se = spread * np.sqrt(1 + 1 / k + (x0 - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
+        q = student_t.ppf(0.5 + float(confidence) / 2, k - 2)
+        f0 = np.log(self.c) - self.alpha * x0
+        return np.exp(-np.exp(f0 + q * se)), np.exp(-np.exp(f0 - q * se))
+
     def to_json(self) -> dict[str, Any]:
         def plain(x: Any) -> Any:
             return np.asarray(x).tolist() if x is not None else None
