@@ -601,3 +601,10 @@ def test_holdout_of_the_largest_size():
             for p in points]
     assert _holdout_largest(bent)["max_relative_error"] == pytest.approx(0.03 / 1.03, rel=1e-6)
     assert _holdout_largest(points[:6]) is None  # two sizes: one left
+
+
+def test_default_model_names():
+    from cpmjax.scaling.cli_density import _default_name
+
+    assert _default_name("/r/wind-tunnel/wt-s2/decay-400/hf") == "wt-s2/decay-400"
+    assert _default_name("/models/my-model/") == "my-model"

@@ -194,6 +194,13 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
     return record
 
 
+def _default_name(directory: str) -> str:
+    """A model's label: its directory's name, with the two above it for an export named ``hf``
+    (``wt-s2/decay-400`` for ``runs/wind-tunnel/wt-s2/decay-400/hf``)."""
+    parts = os.path.normpath(os.path.abspath(directory)).split(os.sep)
+    return "/".join(parts[-3:-1]) if parts[-1] == "hf" and len(parts) > 2 else parts[-1]
+
+
 def _fmt_interval(interval: Any) -> str:
     if interval is None:
         return "[no interval]"
@@ -207,7 +214,7 @@ def run_density(args: Any) -> int:
     from cpmjax.scaling.tasks import get_task, load_instances
 
     task = get_task(args.task)  # typed errors before any compute
-    names = args.name or [os.path.basename(os.path.normpath(m)) for m in args.model]
+    names = args.name or [_default_name(m) for m in args.model]
     if len(names) != len(args.model):
         raise InputError(f"{len(names)} --name for {len(args.model)} --model")
     for directory in args.model:
