@@ -547,6 +547,7 @@ def test_cli_density_on_a_fabricated_family(tmp_path, monkeypatch, capsys):
     for name in ("loss_law.png", "score_law.png", "density.png"):
         assert (figures / name).stat().st_size > 10_000
     assert result["holdout_largest"] is None  # two sizes: one left cannot fit the law
+    assert result["warnings"] == []
     # the rerun reads every evaluation from the cache (the scorer is not called again)
     monkeypatch.setattr(passuntil, "greedy_accuracy", None)
     assert main(argv) == 0
@@ -608,3 +609,15 @@ def test_default_model_names():
 
     assert _default_name("/r/wind-tunnel/wt-s2/decay-400/hf") == "wt-s2/decay-400"
     assert _default_name("/models/my-model/") == "my-model"
+
+
+def test_fit_warnings():
+    from cpmjax.scaling.cli_density import _fit_warnings
+
+    n, d, loss, score, _ = _family(9)
+    loss_law, score_law = fit_loss_law(n, d, loss), fit_score_law(loss, score)
+    assert _fit_warnings(loss_law, score_law) == []
+    flat = fit_score_law(loss, 0.3 + 0.05 * np.random.default_rng(0).standard_normal(len(loss)))
+    assert any("score law fits poorly" in w for w in _fit_warnings(loss_law, flat))
+    rising = fit_score_law(loss, _score(loss, **dict(SCORE_TRUTH, gamma=3.0)))
+    assert any("rises with the loss" in w for w in _fit_warnings(loss_law, rising))

@@ -258,6 +258,9 @@ def run_density(args: Any) -> int:
     tokens = float(args.tokens or max(p["tokens"] for p in points))
     print(f"loss law: L = {loss_law.a:.4g}·N^-{loss_law.alpha:.4g} + {loss_law.b:.4g}·D^-"
           f"{loss_law.beta:.4g} (R² {loss_law.r2:.4f}, {loss_law.n_points} points)")
+    warnings = _fit_warnings(loss_law, score_law)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if holdout is not None:
         print(f"loss law without the largest size predicts its losses within "
               f"{100 * holdout['max_relative_error']:.2f}% (N = {holdout['n_params']:.4g}, "
@@ -288,7 +291,8 @@ def run_density(args: Any) -> int:
     result = {"family": args.family, "task": args.task, "instances": source,
               "n_instances": len(instances), "loss": args.loss, "n_tokens": tokens,
               "score": args.score, "loss_law": loss_law.to_dict(),
-              "score_law": score_law.to_dict(), "holdout_largest": holdout,
+              "score_law": score_law.to_dict(), "warnings": warnings,
+              "holdout_largest": holdout,
               "points": points, "models": models}
     if args.out:
         _write_json(args.out, result)
@@ -314,6 +318,22 @@ def run_density(args: Any) -> int:
             os.path.join(args.figures, "density.png"))
         print(f"wrote figures to {args.figures}", file=sys.stderr)
     return 0
+
+
+def _fit_warnings(loss_law: Any, score_law: Any, *, min_r2: float = 0.9) -> list[str]:
+    """What makes the fitted laws unfit to carry a score to a size: a low R², parameters the
+    data do not determine (infinite standard errors), a score that rises with the loss."""
+    out = []
+    for label, law in (("loss law", loss_law), ("score law", score_law)):
+        if law.r2 < min_r2:
+            out.append(f"{label} fits poorly (R² {law.r2:.3f} < {min_r2})")
+        if not all(math.isfinite(v) for v in law.stderr.values()):
+            out.append(f"{label}: the data do not determine every parameter (no standard "
+                       "errors, no interval)")
+    if score_law.gamma > 0:
+        out.append("score law: the score rises with the loss (γ > 0); the family's scores do "
+                   "not resolve the task (try --score passuntil or an easier task)")
+    return out
 
 
 def _holdout_largest(points: list[dict[str, Any]]) -> dict[str, Any] | None:
