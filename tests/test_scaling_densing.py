@@ -542,6 +542,7 @@ def test_cli_density_on_a_fabricated_family(tmp_path, monkeypatch, capsys):
     assert model["n_params"] == models[0][1] and result["n_tokens"] == 1e8
     assert model["density"] == pytest.approx(1.0, rel=1e-3)
     assert model["loss_effective_params"] == pytest.approx(models[0][1], rel=1e-3)
+    assert model["loss_density"] == pytest.approx(1.0, rel=1e-3)
     lo, hi = model["density_interval"]  # 8 instances: a wide score error, maybe unbounded
     assert lo < 1.0 and (hi is None or hi > 1.0)
     for name in ("loss_law.png", "score_law.png", "density.png"):

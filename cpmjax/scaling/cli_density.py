@@ -277,16 +277,19 @@ def run_density(args: Any) -> int:
                            bound=args.bound)
         entry = {"name": name, "model": directory, "score_stderr": stderr,
                  **estimate.to_dict()}
-        if need_loss:
-            entry["conditional_loss"] = record["loss"]
-            entry["loss_effective_params"] = _none_if_inf(
-                loss_law.inverse_params(record["loss"], tokens, bound=True))
         models.append(entry)
         print(f"{name}: N = {n:.4g}, score = {score:.4f} ± {stderr:.4f}, "
               f"N̂ = {estimate.effective_params:.4g} "
               f"{_fmt_interval(estimate.effective_params_interval)}, "
               f"ρ = {estimate.density:.4g} {_fmt_interval(estimate.density_interval)} "
               f"({int(args.level * 100)}%, D = {tokens:.4g})")
+        if need_loss:  # step 1 alone: the size the loss law gives the model's own loss
+            loss_n_hat = loss_law.inverse_params(record["loss"], tokens, bound=True)
+            entry.update(conditional_loss=record["loss"],
+                         loss_effective_params=_none_if_inf(loss_n_hat),
+                         loss_density=_none_if_inf(loss_n_hat / n))
+            print(f"{name}: conditional loss {record['loss']:.4f}, the loss law alone gives "
+                  f"N̂ = {loss_n_hat:.4g}, ρ = {loss_n_hat / n:.4g}")
 
     result = {"family": args.family, "task": args.task, "instances": source,
               "n_instances": len(instances), "loss": args.loss, "n_tokens": tokens,
