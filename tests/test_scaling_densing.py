@@ -570,6 +570,11 @@ def test_cli_density_on_a_fabricated_family(tmp_path, monkeypatch, capsys):
     assert model["density"] == pytest.approx(1.0, rel=1e-3)
     lo, hi = model["density_interval"]
     assert lo < 1.0 < hi < 2.0
+    # the cache keeps scores and losses apart: passuntil scores with task losses need nothing
+    monkeypatch.setattr(passuntil, "pass_until", None)
+    assert main(argv + ["--score", "passuntil"]) == 0
+    assert json.loads(out.read_text())["models"][0]["conditional_loss"] == pytest.approx(
+        _loss(models[0][1], 1e8, **law), rel=1e-5)
     capsys.readouterr()
     # typed errors before any compute
     assert main(["scaling", "density", "--family", str(runs), "--model", str(member),

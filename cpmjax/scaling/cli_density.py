@@ -165,32 +165,36 @@ def _score(model: Any, tokenizer: Any, task: Any, instances: list[Any], args: An
 def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
               cache: dict[str, Any], instances_key: str) -> dict[str, Any]:
     """Non-embedding parameters, score (and its standard error) and, with ``--loss task``, the
-    conditional loss of the checkpoint in ``directory``; cached by (directory, task, instances,
-    loss kind, score kind)."""
+    conditional loss of the checkpoint in ``directory``. The cache holds the score under
+    (directory, task, instances, score kind) and the loss under (directory, task, instances),
+    so a rerun with another ``--loss`` or ``--score`` computes only what it lacks."""
     need_loss = args.loss == "task"
-    score_key = args.score if args.score == "greedy" else (
+    score_kind = args.score if args.score == "greedy" else (
         f"passuntil:{args.required_passes}:{args.max_samples}:{args.seed}")
-    key = (f"{os.path.abspath(directory)}|{task.name}|{instances_key}|"
-           f"{'task' if need_loss else '-'}|{score_key}")
-    if key in cache:
-        return cache[key]
-    from cpmjax.hf import from_pretrained
-    from cpmjax.scaling.densing import conditional_loss
-    from cpmjax.scaling.family import non_embedding_params
-    from cpmjax.tokenizer import load_tokenizer
+    base = f"{os.path.abspath(directory)}|{task.name}|{instances_key}"
+    score_key, loss_key = f"{base}|{score_kind}", f"{base}|conditional_loss"
+    if score_key not in cache or (need_loss and loss_key not in cache):
+        from cpmjax.hf import from_pretrained
+        from cpmjax.scaling.densing import conditional_loss
+        from cpmjax.scaling.family import non_embedding_params
+        from cpmjax.tokenizer import load_tokenizer
 
-    if not os.path.isdir(directory):
-        raise MissingPathError(f"checkpoint directory does not exist: {directory}")
-    model = from_pretrained(directory)
-    tokenizer = load_tokenizer(directory)
-    score, stderr = _score(model, tokenizer, task, instances, args)
-    record = {"n_params": int(non_embedding_params(model)), "score": score,
-              "score_stderr": stderr, "instances": len(instances)}
+        if not os.path.isdir(directory):
+            raise MissingPathError(f"checkpoint directory does not exist: {directory}")
+        model = from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
+        if score_key not in cache:
+            score, stderr = _score(model, tokenizer, task, instances, args)
+            cache[score_key] = {"n_params": int(non_embedding_params(model)), "score": score,
+                                "score_stderr": stderr, "instances": len(instances)}
+            _write_cache(args.cache, cache)
+        if need_loss and loss_key not in cache:
+            cache[loss_key] = {"loss": float(conditional_loss(model, tokenizer, instances,
+                                                              batch_size=args.batch_size))}
+            _write_cache(args.cache, cache)
+    record = dict(cache[score_key])
     if need_loss:
-        record["loss"] = float(conditional_loss(model, tokenizer, instances,
-                                                batch_size=args.batch_size))
-    cache[key] = record
-    _write_cache(args.cache, cache)
+        record["loss"] = cache[loss_key]["loss"]
     return record
 
 
