@@ -10,7 +10,13 @@ import pytest
 from cpmjax.errors import ConfigError
 from cpmjax.tools import ToolCall, ToolRegistry, evaluate, parse_reply, parse_tool_calls
 from cpmjax.tools.dfsdt import GIVE_UP
-from cpmjax.tools.experiment import call_validity, held_out_tasks, summarize, TaskRecord
+from cpmjax.tools.experiment import (
+    TaskRecord,
+    call_validity,
+    held_out_tasks,
+    summarize,
+    training_questions,
+)
 from cpmjax.tools.formats import IM_END, chat_text
 from cpmjax.tools.synth import (
     KINDS,
@@ -200,10 +206,19 @@ def test_packing_keeps_transcripts_apart_and_masks_only_assistant_targets():
 
 
 def test_held_out_tasks_never_repeat_a_training_question():
-    training = [(0, 300, None, None)]
-    seen = {t.task.question for t in make_transcripts(0, 300)}
-    tasks = held_out_tasks({"arithmetic": 30, "lookup": 10}, seed=5, training=training)
+    phases = [{"seed": 0, "transcripts": 300}, {"seed": 1, "transcripts": 100,
+                                                 "variants": {"direct": 1.0},
+                                                 "kinds": {"arithmetic": 1.0}}]
+    seen = training_questions(phases)
+    assert seen == ({t.task.question for t in make_transcripts(0, 300)}
+                    | {t.task.question for t in make_transcripts(
+                        1, 100, variants={"direct": 1.0}, kinds={"arithmetic": 1.0})})
+    tasks = held_out_tasks({"arithmetic": 30, "lookup": 10}, seed=5, exclude=seen)
     assert len(tasks) == 40 and not any(t.question in seen for t in tasks)
+    assert {t.kind for t in tasks} == {"arithmetic", "lookup"}
+    # the exclusion bites: a set built from the held-out questions themselves is redrawn
+    again = held_out_tasks({"arithmetic": 30}, seed=5, exclude={t.question for t in tasks})
+    assert not {t.question for t in again} & {t.question for t in tasks}
     assert make_tasks(1, 5, ("arithmetic",)) == make_tasks(1, 5, ("arithmetic",))
 
 
@@ -255,3 +270,20 @@ def test_registry_schema_of_the_task_tools():
         registry.validate(ToolCall("calc", {"expression": "1"}))
     key = dict(task.data)["key"]
     assert registry.execute(ToolCall("lookup", {"key": key})).content == task.answer
+
+
+def test_chat_model_path_names_the_bundled_models(tmp_path):
+    import os
+
+    import cpmjax
+    from cpmjax.errors import MissingPathError
+    from cpmjax.tools.cli import model_path
+    from cpmjax.tools.training import tool_model_dir
+
+    assert model_path(str(tmp_path)) == str(tmp_path)
+    assert model_path("cpmjax-tiny") == cpmjax.default_model_path()
+    assert model_path("cpmjax-tools") == tool_model_dir()
+    bundled = os.path.isfile(os.path.join(tool_model_dir(), "config.json"))
+    assert model_path(None) == (tool_model_dir() if bundled else cpmjax.default_model_path())
+    with pytest.raises(MissingPathError, match="no-such-model"):
+        model_path("no-such-model")

@@ -5,7 +5,10 @@ Modules (imports run downwards in this list): ``cli`` (``cpmjax chat``); ``dfsdt
 ``agents`` (ReAct, one step, the trace); ``policy`` (prompt -> reply; ``ModelPolicy`` over
 ``cpmjax.generate``); ``builtins`` (calculator, python, key-value lookup); ``registry``;
 ``formats``; ``literals``; ``calculator``; ``sandbox`` (runs ``_child.py`` as a separate
-process); ``calls`` (``ToolCall``, ``Reply``, ``Observation``). See docs/tools.md."""
+process); ``calls`` (``ToolCall``, ``Reply``, ``Observation``). The tool model: ``synth`` (synthetic
+tasks and transcripts), ``training`` (its tokenizer, the assistant-only loss mask, training,
+``cpmjax-tools``) and ``experiment`` (the held-out evaluation); import them by module, they
+are not re-exported here. See docs/tools.md."""
 
 from cpmjax.tools.agents import AgentResult, Step, react, run_step, system_prompt
 from cpmjax.tools.builtins import BUILTINS, calculator_tool, key_value_tool, python_tool

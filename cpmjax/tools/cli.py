@@ -1,19 +1,21 @@
 """``cpmjax chat``: talk to a model that can call tools.
 
-    cpmjax chat [--model DIR] [--tools calculator,python,lookup] [--search react|dfsdt]
+    cpmjax chat [--model DIR|NAME] [--tools calculator,lookup,python] [--search react|dfsdt]
                 [--format minicpm3|react] [--prompt TEXT] [--max-steps N]
                 [--max-model-calls N] [--beam N] [--max-new-tokens N] [--temperature T]
                 [--seed S] [--kv FILE.json] [--timeout S] [--trace FILE.json]
 
 Without ``--prompt`` it reads questions from stdin until EOF (or ``exit``). The model's text
 streams to stdout; each call and its observation is shown as ``[call] ...`` / ``[result] ...``
-lines on stderr, with the answer and why the agent stopped. The bundled default model was
-never trained to call tools: with it the command runs and stops within ``--max-steps``, but
-the calls are not useful."""
+lines on stderr, with the answer and why the agent stopped. The default model is the bundled
+tool model ``cpmjax-tools`` (trained here on synthetic calculator / lookup transcripts, see
+docs/tools.md); ``--model cpmjax-tiny`` is the general bundled model, never trained to call
+tools."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -24,12 +26,15 @@ from cpmjax.tools.dfsdt import dfsdt
 from cpmjax.tools.formats import FORMATS, observation_text
 from cpmjax.tools.registry import ToolRegistry
 from cpmjax.tools.sandbox import Sandbox
+from cpmjax.tools.training import TOOL_MODEL_NAME, tool_model_dir
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("chat", help="answer questions with tools (ReAct or DFSDT)")
-    p.add_argument("--model", default=None, help="local HF checkpoint dir (default: bundled)")
-    p.add_argument("--tools", default="calculator",
+    p.add_argument("--model", default=None,
+                   help="local HF checkpoint dir, or a bundled model's name (cpmjax-tools, "
+                        "cpmjax-tiny); default: the bundled tool model cpmjax-tools")
+    p.add_argument("--tools", default="calculator,lookup",
                    help=f"comma-separated tools from {', '.join(BUILTINS)} (or 'none')")
     p.add_argument("--search", default="react", choices=["react", "dfsdt"])
     p.add_argument("--format", default="minicpm3", choices=sorted(FORMATS))
@@ -80,6 +85,25 @@ def _load_store(path: str | None) -> dict[str, Any]:
     return data
 
 
+def model_path(model: str | None) -> str:
+    """The directory ``cpmjax chat`` loads: ``model`` (a directory, or the name of a bundled
+    model), by default the bundled tool model ``cpmjax-tools`` (``cpmjax-tiny`` if it is
+    absent)."""
+    import cpmjax
+    from cpmjax.train import bundled_model_dir
+
+    if model is None:
+        path = tool_model_dir()
+        return path if os.path.isfile(os.path.join(path, "config.json")) else \
+            cpmjax.default_model_path()
+    if not os.path.isdir(model) and model in (TOOL_MODEL_NAME, cpmjax.DEFAULT_MODEL_NAME):
+        return bundled_model_dir(model)
+    if not os.path.isdir(model):
+        raise MissingPathError(f"--model {model} is neither a directory nor a bundled model "
+                               f"({TOOL_MODEL_NAME}, {cpmjax.DEFAULT_MODEL_NAME})")
+    return model
+
+
 def _show_step(step: Step) -> None:
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -96,7 +120,7 @@ def _show_step(step: Step) -> None:
 def _run_chat(args: Any) -> int:
     import cpmjax
 
-    path = args.model or cpmjax.default_model_path()
+    path = model_path(args.model)
     registry = build_registry(args.tools, kv_path=args.kv, timeout_s=args.timeout)
     model = cpmjax.from_pretrained(path)
     tokenizer = cpmjax.load_tokenizer(path)

@@ -38,8 +38,8 @@ from cpmjax.tools.synth import (
     task_registry,
 )
 
-__all__ = ["CONDITIONS", "TaskRecord", "call_validity", "held_out_tasks", "run_task",
-           "sandbox_overhead", "summarize"]
+__all__ = ["CONDITIONS", "TaskRecord", "call_validity", "held_out_tasks", "run_experiment",
+           "run_task", "sandbox_overhead", "summarize", "training_questions"]
 
 CONDITIONS = ("react", "dfsdt", "direct")
 _INVALID = ("unparseable", "unknown_tool", "invalid_arguments")
@@ -67,20 +67,25 @@ class TaskRecord:
         return dataclasses.asdict(self)
 
 
-def held_out_tasks(per_kind: dict[str, int], *, seed: int,
-                   training: Sequence[tuple[int, int, dict[str, float] | None,
-                                            dict[str, float] | None]] = ()) -> list[Task]:
-    """``per_kind[kind]`` tasks of each kind drawn with ``seed``, none of whose questions is in
-    the training sets ``training`` (``(seed, count, variants, kinds)`` of each
-    ``make_transcripts`` call the models were trained on)."""
+def training_questions(training: Sequence[dict[str, Any]]) -> set[str]:
+    """The questions of the training sets ``training`` (each the ``seed``, ``transcripts``,
+    ``variants`` and ``kinds`` of one ``make_transcripts`` call a model was trained on, as
+    ``train_tool_model`` records them in ``<out_dir>/data_phases.json``)."""
     seen: set[str] = set()
-    for train_seed, count, variants, kinds in training:
-        seen.update(t.task.question for t in make_transcripts(train_seed, count,
-                                                                  variants=variants,
-                                                                  kinds=kinds))
+    for phase in training:
+        seen.update(t.task.question for t in make_transcripts(
+            phase["seed"], phase["transcripts"], variants=phase.get("variants"),
+            kinds=phase.get("kinds")))
+    return seen
+
+
+def held_out_tasks(per_kind: dict[str, int], *, seed: int,
+                   exclude: set[str] | None = None) -> list[Task]:
+    """``per_kind[kind]`` tasks of each kind drawn with ``seed``, none of whose questions is in
+    ``exclude`` (the training questions, ``training_questions``)."""
     tasks = []
     for index, (kind, count) in enumerate(sorted(per_kind.items())):
-        tasks += make_tasks(seed * 1000 + index, count, (kind,), exclude=seen)
+        tasks += make_tasks(seed * 1000 + index, count, (kind,), exclude=exclude or set())
     return tasks
 
 

@@ -325,13 +325,13 @@ def make_transcript(task: Task, rng: random.Random, variant: str, tokenizer: Any
     if variant not in ("react", "dfsdt", "direct"):
         raise ConfigError(f"unknown transcript variant {variant!r}")
     fmt = get_format(format)
-    registry = task_registry(task)
     if variant == "direct":
         prompt = chat_text(tokenizer, [{"role": "system", "content": DIRECT_SYSTEM},
                                        {"role": "user", "content": task.question}])
         reply = render_reply(fmt.name, answer=_final_text(task))
         return Transcript(task, variant, [Reply(reply, [], [])], prompt + reply + IM_END,
                           [(len(prompt), len(prompt) + len(reply) + len(IM_END))], [])
+    registry = task_registry(task)
     if variant == "react":
         system = system_prompt(fmt, registry)
     else:

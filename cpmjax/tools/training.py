@@ -291,6 +291,24 @@ def prepare_tool_data(config: ToolModelConfig) -> tuple[Any, PackedRows, dict[st
     return tokenizer, packed, stats
 
 
+def record_data_phase(out_dir: str, tools: ToolDataConfig) -> list[dict[str, Any]]:
+    """Append the data this run trains on (seed, transcripts, variants, kinds) to
+    ``<out_dir>/data_phases.json`` unless it is already the last entry (a resumed run with a
+    changed mix trains on several): held-out sets exclude every phase's questions."""
+    path = os.path.join(out_dir, "data_phases.json")
+    phases = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            phases = json.load(f)
+    phase = {"seed": tools.seed, "transcripts": tools.transcripts, "variants": tools.variants,
+             "kinds": tools.kinds}
+    if not phases or phases[-1] != phase:
+        phases.append(phase)
+        with open(path, "w") as f:
+            json.dump(phases, f, indent=1)
+    return phases
+
+
 def train_tool_model(config: ToolModelConfig, *, export: bool = True,
                      log: Any = None) -> ToolTrainResult:
     """Train (or resume) the model of ``config`` on its transcripts: rows drawn in a seeded
@@ -313,6 +331,7 @@ def train_tool_model(config: ToolModelConfig, *, export: bool = True,
                   indent=1)
     tokenizer, packed, stats = prepare_tool_data(config)
     log(f"[tools train] data: {json.dumps(stats)}")
+    record_data_phase(run.out_dir, config.tools)
     model = build_model(tc, len(tokenizer))
     optimizer = nnx.Optimizer(model, make_optimizer(tc, model), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
