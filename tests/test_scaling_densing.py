@@ -106,6 +106,31 @@ def test_score_law_recovers_parameters():
         assert fit.predict(fit.inverse(s)) == pytest.approx(s, abs=1e-12)
 
 
+def test_score_law_bounded_to_the_score_range():
+    """Scores bounded to [0, 1]: the fit stays in the range (unbounded, tail-only data run off
+    to an exponential with an arbitrary c), recovers an exact tail-only law, holds parameters
+    that end on a bound fixed (zero standard error), and changes nothing when the bounds are
+    not touched. From noisy tail-only scores c is NOT determined (docs/densing.md)."""
+    truth = dict(c=1.0, gamma=-3.0, l=2.0, d=0.0)
+    x = np.linspace(2.8, 4.0, 12)  # scores 0.002 .. 0.08: the lower tail only
+    exact = fit_score_law(x, _score(x, **truth), score_range=(0.0, 1.0))
+    _close(exact, dict(c=1.0, gamma=-3.0, l=2.0), 1e-6)
+    assert abs(exact.d) < 1e-9 and exact.stderr["d"] == 0.0
+    for seed in range(4):
+        rng = np.random.default_rng(10 + seed)
+        noisy = fit_score_law(x, _score(x, **truth) * np.exp(0.02 * rng.standard_normal(
+            x.shape)), score_range=(0.0, 1.0))
+        assert 0.0 <= noisy.d and noisy.c + noisy.d <= 1.0 + 1e-12
+        assert noisy.gamma == pytest.approx(-3.0, rel=0.15) and noisy.r2 > 0.99
+    x = np.linspace(0.8, 3.5, 30)
+    inner = fit_score_law(x, _score(x, **SCORE_TRUTH), score_range=(0.0, 1.0))
+    _close(inner, SCORE_TRUTH, 1e-6)
+    with pytest.raises(FitError, match=r"score\[0\] = 1.5 lies outside score_range"):
+        fit_score_law([1, 2, 3, 4], [1.5, 0.5, 0.2, 0.1], score_range=(0, 1))
+    with pytest.raises(FitError, match="need finite low < high"):
+        fit_score_law([1, 2, 3, 4], [0.9, 0.5, 0.2, 0.1], score_range=(1, 0))
+
+
 def test_round_trip_score_to_params_to_score():
     n, d, loss, score, _ = _family(3)
     loss_law = fit_loss_law(n, d, loss)

@@ -55,6 +55,10 @@ def add_commands(subparsers: Any) -> None:
                    help="passuntil: samples per instance at most")
     p.add_argument("--required-passes", type=int, default=1,
                    help="passuntil: passes per instance before it stops sampling")
+    p.add_argument("--score-range", type=float, nargs=2, default=(0.0, 1.0),
+                   metavar=("LOW", "HIGH"),
+                   help="the range the score cannot leave; the sigmoid is bounded to it "
+                        "(default 0 1: accuracies and pass rates)")
     p.add_argument("--tokens", type=float, default=None,
                    help="training tokens D of the reference at which N̂ is read "
                         "(default: the family's largest branch budget)")
@@ -257,7 +261,8 @@ def run_density(args: Any) -> int:
               f"loss={point['loss']:.4f} score={point['score']:.4f}", file=sys.stderr)
     loss_law = fit_loss_law([p["n_params"] for p in points], [p["tokens"] for p in points],
                             [p["loss"] for p in points])
-    score_law = fit_score_law([p["loss"] for p in points], [p["score"] for p in points])
+    score_law = fit_score_law([p["loss"] for p in points], [p["score"] for p in points],
+                              score_range=tuple(args.score_range))
     holdout = _holdout_largest(points)
     tokens = float(args.tokens or max(p["tokens"] for p in points))
     print(f"loss law: L = {loss_law.a:.4g}·N^-{loss_law.alpha:.4g} + {loss_law.b:.4g}·D^-"

@@ -452,7 +452,71 @@ def _score_jacobian(theta, x, y):
     return np.stack([c * s, c * ds * (x - l), -c * ds * gamma, np.ones_like(x)], axis=1)
 
 
+def _bounded_model(theta: np.ndarray, x: np.ndarray, top: float) -> np.ndarray:
+    q, gamma, l, d = theta  # noqa: E741
+    return (top - d) * q * _expit(gamma * (x - l)) + d
+
+
+def _bounded_residuals(theta, x, y, top):
+    return _bounded_model(theta, x, top) - y
+
+
+def _bounded_jacobian(theta, x, y, top):
+    q, gamma, l, d = theta  # noqa: E741
+    s = _expit(gamma * (x - l))
+    ds = s * (1 - s)
+    return np.stack([(top - d) * s, (top - d) * q * ds * (x - l), -(top - d) * q * ds * gamma,
+                     1 - q * s], axis=1)
+
+
+def _fit_score_bounded(x: np.ndarray, y: np.ndarray, low: float, top: float,
+                       slope_starts: Sequence[float], midpoint_starts: Sequence[float]
+                       ) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The sigmoid with ``low <= d`` and ``c + d <= top``, fitted over ``(q, γ, l, d)`` with
+    ``c = (top - d)·q``, ``0 < q <= 1``. Returns the natural ``(log c, γ, l, d)``, their
+    covariance (parameters at a bound held fixed, the rest from ``s²(JᵀJ)⁻¹``) and the
+    solver's result."""
+    from scipy.optimize import least_squares
+
+    span = float(np.ptp(x))
+    eps = 1e-12 * (top - low)
+    lower = [1e-12, -np.inf, -np.inf, low]
+    upper = [1.0, np.inf, np.inf, top - eps]
+    d0 = float(np.clip(np.min(y), low, top - eps))
+    best = None
+    for q0 in (min(max(float(np.ptp(y)) / (top - d0), 1e-6), 1.0), 1.0):
+        for mid in midpoint_starts:
+            l0 = float(np.quantile(x, mid))
+            for k in slope_starts:
+                for sign in (-1.0, 1.0):
+                    theta0 = np.clip([q0, sign * k / span, l0, d0], lower, upper)
+                    res = least_squares(_bounded_residuals, theta0, jac=_bounded_jacobian,
+                                        args=(x, y, top), bounds=(lower, upper), method="trf",
+                                        xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=4000)
+                    if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
+                        best = res
+    if best is None:
+        raise FitError("the score-law fit found no finite solution")
+    q, gamma, l, d = best.x  # noqa: E741
+    active = np.array([q >= 1.0 - 1e-9, False, False, d <= low + 1e-9 * (top - low)])
+    jac = _bounded_jacobian(best.x, x, y, top)
+    free = ~active
+    cov_b = np.zeros((4, 4))
+    cov_b[np.ix_(free, free)] = _covariance(jac[:, free], best.fun)
+    # (q, γ, l, d) -> (log c, γ, l, d) with log c = log(top - d) + log q
+    to_natural = np.eye(4)
+    to_natural[0, 0] = 1.0 / q
+    to_natural[0, 3] = -1.0 / (top - d)
+    with np.errstate(invalid="ignore"):
+        cov = to_natural @ cov_b @ to_natural.T
+    if not np.all(np.isfinite(cov_b[np.ix_(free, free)])):
+        cov = np.full((4, 4), np.inf)
+    theta = np.array([math.log((top - d) * q), gamma, l, d])
+    return theta, cov, best
+
+
 def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
+                  score_range: tuple[float, float] | None = None,
                   slope_starts: Sequence[float] = (2.0, 5.0, 10.0, 20.0),
                   midpoint_starts: Sequence[float] = (0.2, 0.35, 0.5, 0.65, 0.8)) -> ScoreLaw:
     """Fit ``S = c / (1 + exp(-γ (L - l))) + d`` to a family's ``(loss, score)`` pairs.
@@ -461,7 +525,13 @@ def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
     mirror-image parametrisations). Starts: ``d`` at the lowest score, ``c`` the score range,
     ``l`` at each quantile in ``midpoint_starts`` of the losses, ``γ = ±k / (loss range)`` for
     ``k`` in ``slope_starts`` and both signs; each is refined and the lowest cost wins. Needs at
-    least 4 points and 2 distinct losses and scores."""
+    least 4 points and 2 distinct losses and scores.
+
+    ``score_range=(low, high)``: the scores cannot leave it (``(0, 1)`` for accuracies and pass
+    rates), so the sigmoid is bounded to it: ``d >= low`` and ``c + d <= high``. Scores that
+    only show the sigmoid's tail (a family of small models) then still determine ``γ`` and ``l``
+    (unbounded, such a fit runs off to an exponential with an arbitrary ``c``). Parameters that
+    end on a bound are held fixed in the covariance."""
     from scipy.optimize import least_squares
 
     x = _as_finite_array(loss, "loss")
@@ -471,23 +541,33 @@ def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
         raise FitError("loss has one distinct value: a sigmoid of the loss needs at least 2")
     if np.ptp(y) == 0:
         raise FitError("score has one distinct value: the sigmoid's amplitude c is undetermined")
-    span = float(np.ptp(x))
-    c0, d0 = float(np.ptp(y)), float(np.min(y))
-    best = None
-    for q in midpoint_starts:
-        l0 = float(np.quantile(x, q))
-        for k in slope_starts:
-            for sign in (-1.0, 1.0):
-                theta0 = np.array([math.log(c0), sign * k / span, l0, d0])
-                res = least_squares(_score_residuals, theta0, jac=_score_jacobian, args=(x, y),
-                                    method="lm", xtol=1e-14, ftol=1e-14, gtol=1e-14,
-                                    max_nfev=4000)
-                if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
-                    best = res
-    if best is None:
-        raise FitError("the score-law fit found no finite solution")
-    theta = best.x
-    cov = _covariance(_score_jacobian(theta, x, y), best.fun)
+    if score_range is not None:
+        low, top = (float(v) for v in score_range)
+        if not (math.isfinite(low) and math.isfinite(top) and low < top):
+            raise FitError(f"score_range={score_range!r}: need finite low < high")
+        outside = np.flatnonzero((y < low) | (y > top))
+        if len(outside):
+            i = int(outside[0])
+            raise FitError(f"score[{i}] = {y[i]} lies outside score_range {score_range!r}")
+        theta, cov, best = _fit_score_bounded(x, y, low, top, slope_starts, midpoint_starts)
+    else:
+        span = float(np.ptp(x))
+        c0, d0 = float(np.ptp(y)), float(np.min(y))
+        best = None
+        for q in midpoint_starts:
+            l0 = float(np.quantile(x, q))
+            for k in slope_starts:
+                for sign in (-1.0, 1.0):
+                    theta0 = np.array([math.log(c0), sign * k / span, l0, d0])
+                    res = least_squares(_score_residuals, theta0, jac=_score_jacobian,
+                                        args=(x, y), method="lm", xtol=1e-14, ftol=1e-14,
+                                        gtol=1e-14, max_nfev=4000)
+                    if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
+                        best = res
+        if best is None:
+            raise FitError("the score-law fit found no finite solution")
+        theta = best.x
+        cov = _covariance(_score_jacobian(theta, x, y), best.fun)
     se = np.sqrt(np.diag(cov))
     c = math.exp(theta[0])
     return ScoreLaw(c=c, gamma=float(theta[1]), l=float(theta[2]), d=float(theta[3]),
