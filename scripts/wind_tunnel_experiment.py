@@ -10,7 +10,8 @@ smaller models, the prediction for the largest written before it is trained, the
         --target wt-s5 --out docs/benchmarks/wind_tunnel_prediction.json
     # 3. (train and evaluate the largest), then the report
     python scripts/wind_tunnel_experiment.py report --family runs/wind-tunnel --eval runs/wt-eval \\
-        --prediction docs/benchmarks/wind_tunnel_prediction.json --out docs/benchmarks/passuntil.md
+        --prediction docs/benchmarks/wind_tunnel_prediction.json \\
+        --out docs/benchmarks/passuntil.json      (the tables go to <eval>/tables.md)
 
 The instances are the first ``--instances`` of each task's test split (``<family>/tasks``),
 never trained on. Results are JSON files ``<eval>/<size>/<task>.json`` (``PassUntilResult``
@@ -127,7 +128,9 @@ def _predict(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.target} already has a finished branch: a prediction must be "
                          "written before the model is trained")
     sizes = args.sizes.split(",")
-    tasks = sorted({f[:-5] for s in sizes for f in os.listdir(os.path.join(args.eval, s))})
+    tasks = sorted({f[:-5] for d in args.eval for s in sizes
+                    if os.path.isdir(os.path.join(d, s)) for f in os.listdir(os.path.join(d, s))
+                    if f.endswith(".json")})
     record = {"kind": "wind_tunnel_prediction",
               "written_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "git_head": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
@@ -136,17 +139,28 @@ def _predict(args: argparse.Namespace) -> None:
                          "layers": target.layers, "width": target.hidden},
               "fit_sizes": sizes, "tasks": {}}
     for task in tasks:
-        results = [_load_eval(args.eval, s, task) for s in sizes]
-        if any(r is None for r in results):
+        # the first --eval directory holding this task for every size (the finer pass first)
+        for directory in args.eval:
+            results = [_load_eval(directory, s, task) for s in sizes]
+            if all(r is not None for r in results):
+                break
+        else:
             continue
         n = np.array([r.metadata["non_embedding_params"] for r in results], np.float64)
         rates = np.array([r.mean_estimate for r in results])
-        entry = {"n_params": n.tolist(), "pass_rates": rates.tolist(),
+        entry = {"eval_dir": directory, "required_passes": results[0].required_passes,
+                 "max_samples": results[0].max_samples, "instances": len(results[0].ids),
+                 "n_params": n.tolist(), "pass_rates": rates.tolist(),
                  "low": [float(r.low.mean()) for r in results],
                  "high": [float(r.high.mean()) for r in results],
                  "greedy_accuracy": [r.metadata.get("greedy_accuracy") for r in results]}
+        # the law needs 0 < PU < 1: a size whose PU is 0 (no pass in its budget) is left out
+        # of the fit, and named, when at least 3 sizes remain
+        usable = (rates > 0) & (rates < 1)
+        entry["fit_sizes"] = [s for s, ok in zip(sizes, usable, strict=True) if ok]
+        entry["excluded_sizes"] = [s for s, ok in zip(sizes, usable, strict=True) if not ok]
         try:
-            law = fit_task_scaling(n, rates)
+            law = fit_task_scaling(n[usable], rates[usable])
             entry.update(fit=law.to_json(), predicted_pass_rate=float(law.predict(n_target)),
                          prediction_interval_95=_prediction_interval(law, n_target))
         except Exception as exc:  # a fit that cannot run is recorded, not hidden
@@ -188,21 +202,24 @@ def _report(args: argparse.Namespace) -> None:
         best = sweep_lrs[int(np.nanargmin([c if c is not None else np.nan for c in cells]))]
         sweep_rows.append([name, first["layers"], first["width"], *cells, best])
     sizes = [r.name for r in runs]
-    tasks = sorted({f[:-5] for s in sizes if os.path.isdir(os.path.join(args.eval, s))
-                    for f in os.listdir(os.path.join(args.eval, s))})
     pu_rows, results_json = [], {}
-    for s in sizes:
+    for directory in args.eval:
+        tasks = sorted({f[:-5] for s in sizes if os.path.isdir(os.path.join(directory, s))
+                        for f in os.listdir(os.path.join(directory, s)) if f.endswith(".json")})
         for task in tasks:
-            res = _load_eval(args.eval, s, task)
-            if res is None:
-                continue
-            m = res.metadata
-            pu_rows.append([s, task, m["non_embedding_params"], len(res.ids),
-                            res.mean_estimate, float(res.low.mean()), float(res.high.mean()),
-                            res.total_samples, int(res.truncated.sum()),
-                            m.get("greedy_accuracy"), round(m.get("samples_per_second", 0))])
-            results_json.setdefault(s, {})[task] = {
-                k: v for k, v in res.to_json().items() if k != "instances"}
+            for s in sizes:
+                res = _load_eval(directory, s, task)
+                if res is None:
+                    continue
+                m = res.metadata
+                pu_rows.append([task, s, m["non_embedding_params"], res.required_passes,
+                                res.max_samples, len(res.ids), res.mean_estimate,
+                                float(res.low.mean()), float(res.high.mean()),
+                                res.total_samples, int(res.truncated.sum()),
+                                m.get("greedy_accuracy"),
+                                round(m.get("samples_per_second", 0))])
+                results_json.setdefault(directory, {}).setdefault(s, {})[task] = {
+                    k: v for k, v in res.to_json().items() if k != "instances"}
     prediction = None
     compare_rows = []
     if args.prediction and os.path.isfile(args.prediction):
@@ -210,7 +227,7 @@ def _report(args: argparse.Namespace) -> None:
             prediction = json.load(f)
         target = prediction["target"]["name"]
         for task, entry in prediction["tasks"].items():
-            measured = _load_eval(args.eval, target, task)
+            measured = _load_eval(entry["eval_dir"], target, task)
             pred = entry.get("predicted_pass_rate")
             meas = measured.mean_estimate if measured else None
             rel = abs(pred - meas) / meas if pred is not None and meas else None
@@ -223,7 +240,7 @@ def _report(args: argparse.Namespace) -> None:
     data = {"meta": machine_info(), "family": family_rows, "lr_sweep": sweep,
             "passuntil": results_json, "prediction": prediction,
             "predicted_vs_measured": compare_rows}
-    write_json(os.path.splitext(args.out)[0] + ".json", data)
+    write_json(args.out, data)
     parts = [
         "## The family (wind tunnel)\n",
         markdown_table(["size", "layers", "width", "non-emb params", "params", "branch from",
@@ -234,16 +251,17 @@ def _report(args: argparse.Namespace) -> None:
                         "best lr"], sweep_rows, align="lrr" + "r" * len(sweep_lrs) + "r",
                        float_format=".4g") if sweep_rows else "(not run)",
         "\n## PassUntil and greedy accuracy per model and task\n",
-        markdown_table(["size", "task", "non-emb params", "instances", "PU", "PU low (mean)",
-                        "PU high (mean)", "samples", "truncated", "greedy acc", "samples/s"],
-                       pu_rows, align="llrrrrrrrrr", float_format=".3g"),
+        markdown_table(["task", "size", "non-emb params", "r", "max samples", "instances",
+                        "PU", "PU low (mean)", "PU high (mean)", "samples", "truncated",
+                        "greedy acc", "samples/s"],
+                       pu_rows, align="llrrrrrrrrrrr", float_format=".3g"),
         "\n## Predicted vs measured (largest model)\n",
         markdown_table(["task", "fit R²", "predicted PU", "95% prediction interval",
                         "measured PU", "measured interval (mean)", "relative error",
                         "target met"], compare_rows, align="lrrrrrrl", float_format=".3g")
         if compare_rows else "(not measured yet)",
     ]
-    write_text(args.out + ".tables", "\n".join(parts) + "\n")
+    write_text(os.path.join(args.eval[0], "tables.md"), "\n".join(parts) + "\n")
     print("\n".join(parts))
 
 
@@ -266,14 +284,15 @@ def main() -> None:
     p = sub.add_parser("predict")
     p.add_argument("--family", required=True)
     p.add_argument("--config", required=True)
-    p.add_argument("--eval", required=True)
+    p.add_argument("--eval", action="append", required=True,
+                   help="result directory (repeatable: per task the first holding every size)")
     p.add_argument("--sizes", required=True)
     p.add_argument("--target", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_predict)
     p = sub.add_parser("report")
     p.add_argument("--family", required=True)
-    p.add_argument("--eval", required=True)
+    p.add_argument("--eval", action="append", required=True)
     p.add_argument("--prediction", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_report)
