@@ -469,6 +469,13 @@ def _bounded_jacobian(theta, x, y, top):
                      1 - q * s], axis=1)
 
 
+def _slope_signs(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Signs of γ worth starting from: with ``c > 0`` the sigmoid rises with the loss exactly
+    when ``γ > 0``, so a clear correlation picks the sign; a weak one tries both."""
+    corr = float(np.corrcoef(x, y)[0, 1])
+    return (-1.0, 1.0) if not abs(corr) >= 0.2 else (math.copysign(1.0, corr),)
+
+
 def _fit_score_bounded(x: np.ndarray, y: np.ndarray, low: float, top: float,
                        slope_starts: Sequence[float], midpoint_starts: Sequence[float]
                        ) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -488,11 +495,11 @@ def _fit_score_bounded(x: np.ndarray, y: np.ndarray, low: float, top: float,
         for mid in midpoint_starts:
             l0 = float(np.quantile(x, mid))
             for k in slope_starts:
-                for sign in (-1.0, 1.0):
+                for sign in _slope_signs(x, y):
                     theta0 = np.clip([q0, sign * k / span, l0, d0], lower, upper)
                     res = least_squares(_bounded_residuals, theta0, jac=_bounded_jacobian,
                                         args=(x, y, top), bounds=(lower, upper), method="trf",
-                                        xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=4000)
+                                        xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=200)
                     if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
                         best = res
     if best is None:
@@ -524,7 +531,8 @@ def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
     Least squares on the scores over ``(log c, γ, l, d)`` (``c > 0`` fixes the sigmoid's two
     mirror-image parametrisations). Starts: ``d`` at the lowest score, ``c`` the score range,
     ``l`` at each quantile in ``midpoint_starts`` of the losses, ``γ = ±k / (loss range)`` for
-    ``k`` in ``slope_starts`` and both signs; each is refined and the lowest cost wins. Needs at
+    ``k`` in ``slope_starts`` (the sign of the loss-score correlation, both when it is below
+    0.2); each is refined (at most 500 evaluations) and the lowest cost wins. Needs at
     least 4 points and 2 distinct losses and scores.
 
     ``score_range=(low, high)``: the scores cannot leave it (``(0, 1)`` for accuracies and pass
@@ -557,11 +565,11 @@ def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
         for q in midpoint_starts:
             l0 = float(np.quantile(x, q))
             for k in slope_starts:
-                for sign in (-1.0, 1.0):
+                for sign in _slope_signs(x, y):
                     theta0 = np.array([math.log(c0), sign * k / span, l0, d0])
                     res = least_squares(_score_residuals, theta0, jac=_score_jacobian,
                                         args=(x, y), method="lm", xtol=1e-14, ftol=1e-14,
-                                        gtol=1e-14, max_nfev=4000)
+                                        gtol=1e-14, max_nfev=500)
                     if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
                         best = res
         if best is None:
