@@ -87,6 +87,21 @@ def _load_eval(directory: str, size: str, task: str):
     return PassUntilResult.load(path) if os.path.isfile(path) else None
 
 
+def _bootstrap_interval(estimates: np.ndarray, confidence: float = 0.95,
+                        resamples: int = 2000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the dataset PU (the mean of the instances' estimates)
+    over the instances: how much the dataset's PU depends on which instances were drawn."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, estimates.size, size=(resamples, estimates.size))
+    means = estimates[picks].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return [float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))]
+
+
+def _interval_cell(interval: list[float] | None) -> str | None:
+    return None if interval is None else f"[{interval[0]:.3g}, {interval[1]:.3g}]"
+
+
 def _prediction_interval(law, n_target: float, confidence: float = 0.95) -> list[float] | None:
     """The OLS prediction interval of the fitted line ``F = log(-log PU)`` against ``log N`` at
     ``n_target``, mapped back to PU (the spread of the points about the line, not only the
@@ -214,7 +229,8 @@ def _report(args: argparse.Namespace) -> None:
                 m = res.metadata
                 pu_rows.append([task, s, m["non_embedding_params"], res.required_passes,
                                 res.max_samples, len(res.ids), res.mean_estimate,
-                                float(res.low.mean()), float(res.high.mean()),
+                                _interval_cell(_bootstrap_interval(res.estimate)),
+                                _interval_cell([float(res.low.mean()), float(res.high.mean())]),
                                 res.total_samples, int(res.truncated.sum()),
                                 m.get("greedy_accuracy"),
                                 round(m.get("samples_per_second", 0))])
@@ -232,8 +248,9 @@ def _report(args: argparse.Namespace) -> None:
             meas = measured.mean_estimate if measured else None
             rel = abs(pred - meas) / meas if pred is not None and meas else None
             r2 = entry.get("fit", {}).get("r2")
-            compare_rows.append([task, r2, pred, entry.get("prediction_interval_95"), meas,
-                                 [float(measured.low.mean()), float(measured.high.mean())]
+            compare_rows.append([task, entry.get("required_passes"), r2, pred,
+                                 _interval_cell(entry.get("prediction_interval_95")), meas,
+                                 _interval_cell(_bootstrap_interval(measured.estimate))
                                  if measured else None, rel,
                                  (r2 is not None and r2 >= 0.9 and rel is not None
                                   and rel <= 0.25)])
@@ -252,13 +269,14 @@ def _report(args: argparse.Namespace) -> None:
                        float_format=".4g") if sweep_rows else "(not run)",
         "\n## PassUntil and greedy accuracy per model and task\n",
         markdown_table(["task", "size", "non-emb params", "r", "max samples", "instances",
-                        "PU", "PU low (mean)", "PU high (mean)", "samples", "truncated",
+                        "PU", "PU 95% (bootstrap over instances)",
+                        "mean of instance 95% bounds", "samples", "truncated",
                         "greedy acc", "samples/s"],
                        pu_rows, align="llrrrrrrrrrrr", float_format=".3g"),
         "\n## Predicted vs measured (largest model)\n",
-        markdown_table(["task", "fit R²", "predicted PU", "95% prediction interval",
-                        "measured PU", "measured interval (mean)", "relative error",
-                        "target met"], compare_rows, align="lrrrrrrl", float_format=".3g")
+        markdown_table(["task", "r", "fit R²", "predicted PU", "95% prediction interval",
+                        "measured PU", "measured 95% (bootstrap)", "relative error",
+                        "target met"], compare_rows, align="lrrrrrrrl", float_format=".3g")
         if compare_rows else "(not measured yet)",
     ]
     write_text(os.path.join(args.eval[0], "tables.md"), "\n".join(parts) + "\n")
