@@ -55,6 +55,9 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
                  "quantize": {"bits": 8, "group_size": None}},
 }
 LADDER = ["", "+lora", "+inherit", "+inherit+recovery", "+cpet"]
+#: a gap (nats) below this is not divided by: one seed per arm, and a ratio over a gap of
+#: thousandths of a nat says nothing
+GAP_FLOOR = 0.01
 
 
 def base_tree(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
@@ -141,8 +144,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, json_path: str, md
         if not any(x is not None for x in cells):
             continue
         vanilla, cpet = cells[1], cells[4]
-        closed = gap_closed(cpet, vanilla, upper)
         gap = None if vanilla is None or upper is None else vanilla - upper
+        closed = gap_closed(cpet, vanilla, upper) if gap is not None and gap > GAP_FLOOR \
+            else None
         rows.append([c, *cells, gap, closed])
         if vanilla is not None and cpet is not None:
             summary.append({"compression": c, "cpet_beats_vanilla": cpet < vanilla,
@@ -171,7 +175,8 @@ Written by `scripts/bench_cpet.py` (numbers in [cpet.json](cpet.json)).
   {_f(upper)}. Controls on the uncompressed model (the inherited arms train the LoRA twice as
   long in all): + inherit {_f(controls['+inherit'])}, + inherit + recovery
   {_f(controls['+inherit+recovery'])}. "gap" = compressed + vanilla LoRA minus the upper bound; "gap closed" = (vanilla
-  LoRA - CPET) / that gap (1: CPET reaches the upper bound; above 1: it passes it).
+  LoRA - CPET) / that gap (1: CPET reaches the upper bound; above 1: it passes it), shown only
+  when the gap exceeds {GAP_FLOOR} nats.
 
 {table}
 
