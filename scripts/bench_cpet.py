@@ -212,6 +212,9 @@ def main() -> None:
                     help="comma-separated arm names to run (default: every arm of the plan)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the markdown from the JSON without running anything")
+    ap.add_argument("--notes", default=None,
+                    help="with --report-only: a markdown file of findings kept in the JSON and "
+                         "appended to the page")
     ap.add_argument("--merge", action="append", default=[],
                     help="with --report-only: add the runs of another JSON of the same settings")
     args = ap.parse_args()
@@ -227,6 +230,9 @@ def main() -> None:
                 ap.error(f"{other} was measured with other settings")
             for name, run in extra["runs"].items():
                 results["runs"].setdefault(name, run)
+        if args.notes:
+            with open(args.notes) as f:
+                results["notes"] = f.read().strip()
         for k, v in results["settings"].items():
             setattr(args, k, v)
         report(results, args, args.json, args.md)
