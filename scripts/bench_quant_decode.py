@@ -138,6 +138,7 @@ def main() -> int:
     args = ap.parse_args()
 
     t0 = time.time()
+    load_before = os.getloadavg()[0]
     models = build_models(args)
     bandwidth = read_bandwidth()
     sizes = {v: cc.weight_bytes(m) for v, m in models.items()}
@@ -166,6 +167,7 @@ def main() -> int:
         "read_bandwidth_bytes_s": bandwidth, "repeats": args.repeats,
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
         "rows": rows, "raw_tokens_s": raw, "probe": where, "machine": machine_info(),
+        "load_average": {"start": load_before, "end": os.getloadavg()[0]},
     }
     write_json(args.json, result)
     table = markdown_table(
@@ -198,7 +200,8 @@ loads of one checkpoint; int8 / int4 quantize the bfloat16 load per output chann
 linears only; embeddings and head stay bfloat16); int8/f32 and int4/f32 quantize the float32
 load instead (the layer then dequantizes to and multiplies in float32). Greedy decode of {args.new_tokens} tokens after
 {args.prompt_tokens}-token prompts; medians over {args.repeats} repeats with the four variants
-interleaved in each. Roofline: measured read bandwidth {bandwidth / 1e9:.1f} GB/s / weight
+interleaved in each; 1-minute load average {load_before:.1f} at the start,
+{os.getloadavg()[0]:.1f} at the end (a shared machine). Roofline: measured read bandwidth {bandwidth / 1e9:.1f} GB/s / weight
 bytes = the most decode steps per second if every step reads every weight once.
 
 {table}
