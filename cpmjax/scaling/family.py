@@ -25,7 +25,10 @@ deterministic subset of local text (Python standard library sources by default) 
 training files of that mix and shared by every size, so compute goes to the non-embedding part.
 
 :func:`lr_sweep` runs the μP check: short runs at a few learning rates at the smallest and the
-largest width (``lr_sweep`` section); with μP the best rate should be the same at both.
+largest width (``lr_sweep`` section), recorded in ``<out_dir>/lr_sweep.json``; with μP the best
+rate should be the same at both. Both index files are updated under a file lock, re-read
+before each write, so several processes (``--only`` different sizes, the sweep) can share one
+``out_dir``.
 """
 
 from __future__ import annotations
