@@ -105,6 +105,7 @@ def test_permuting_specialists_permutes_weights(specialists):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_greedy_generation_equals_argmax_of_reforwarded_fused_logits(specialists):
     fused = FusedLM(specialists, gate="mlp", rngs=nnx.Rngs(5))
     prompts = [[5, 9, 11, 4, 7], [8, 3, 12]]  # ragged: batched with padding
@@ -196,6 +197,7 @@ def test_bad_specialists_are_typed_errors(specialists):
         cpmjax.fusion.from_specialist_dirs(["/nonexistent/a"], names=["code"])
 
 
+@pytest.mark.slow
 def test_cli_generates_from_a_fused_directory(tmp_path, specialists, capsys):
     from cpmjax.cli import main
 
