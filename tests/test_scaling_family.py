@@ -150,3 +150,17 @@ def test_micro_family_trains_branches_and_resumes(tmp_path, monkeypatch):
     again = train_family(config, progress=False)
     assert [p["action"] for p in again] == ["skip"] * 4
     assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
+
+
+def test_a_size_trains_in_one_process_at_a_time(tmp_path):
+    import fcntl
+
+    from cpmjax.errors import TrainingError
+
+    config = load_family_config(_micro(tmp_path))
+    os.makedirs(os.path.join(config.out_dir, "m1"))
+    with open(os.path.join(config.out_dir, "m1", ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process training m1
+        with pytest.raises(TrainingError, match="another process is training m1"):
+            train_family(config, only=["m1"], progress=False)
+    assert not os.path.exists(os.path.join(config.out_dir, "m1", "stable"))

@@ -33,6 +33,7 @@ before each write, so several processes (``--only`` different sizes, the sweep) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,13 +42,13 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cpmjax.errors import ConfigError, MissingPathError
+from cpmjax.errors import ConfigError, MissingPathError, TrainingError
 
 INDEX_FILE = "family.json"
 SWEEP_FILE = "lr_sweep.json"
@@ -605,73 +606,102 @@ def train_family(config: FamilyConfig, *, only: Iterable[str] | None = None,
     _update_index(out, record_config)
     done_count = 0
     for size in sizes:
-        entry = dict(index["runs"].get(size.name, {}))
-        entry.update(_size_entry(config, size))
-        entry.setdefault("branches", {})
-        stable = entry.setdefault("stable", {"done": False, "wall_s": 0.0})
-        stable_dir = os.path.join(out, size.name, "stable")
-        starts = sorted(config.branches.starts)
-        every = math.gcd(*starts)
-        stable_config = run_config(config, size, out_dir=stable_dir, steps=config.stable_steps,
-                                   decay_start=None, checkpoint_every=every,
-                                   keep=config.stable_steps // every + 2, export=False)
-        stable_config.run.progress = progress
-        if not stable["done"]:
-            done_count += 1
-            log(f"[wind tunnel] ({done_count}/{total}) {size.name} stable run: "
-                f"{config.stable_steps} steps, checkpoints at {starts}")
-            result, wall = _timed_train(stable_config, export=False)
-            stable["wall_s"] = stable.get("wall_s", 0.0) + wall
-            stable["config"] = stable_config.model_dump(mode="json")
-            stable["run_dir"] = stable_dir
-            if result.stopped_early:
-                _save_entry(out, "runs", size.name, entry)
-                log(f"[wind tunnel] {size.name} stable run stopped early (run.max_minutes)")
+        with _size_lock(out, size.name):
+            done_count = _train_size(config, size, index, total, done_count, progress, log)
+            if done_count < 0:
                 return plan
-            stable.update(done=True, steps=result.step, tokens=result.tokens_seen,
-                          train_loss=_final_train_loss(stable_dir), eval_loss=result.eval_loss)
-            _save_entry(out, "runs", size.name, entry)
-        missing = [s for s in starts if s not in _checkpoint_steps(stable_dir)]
-        for start in starts:
-            branch = entry["branches"].setdefault(str(start), {"done": False, "wall_s": 0.0})
-            if branch["done"]:
-                continue
-            if start in missing:
-                raise MissingPathError(
-                    f"{size.name}: the stable checkpoint at step {start} is missing from "
-                    f"{stable_dir}/checkpoints (have {_checkpoint_steps(stable_dir)}); "
-                    "delete the stable run's index entry to retrain it")
-            decay = config.branches.decay_steps(start)
-            bdir = os.path.join(out, size.name, f"decay-{start}")
-            bconfig = run_config(config, size, out_dir=bdir, steps=start + decay,
-                                 decay_start=start, decay_steps=decay,
-                                 checkpoint_every=max(1, decay), keep=2, export=True)
-            bconfig.run.progress = progress
-            if not _checkpoint_steps(bdir):
-                # the branch starts from the stable run's state at step `start` (parameters,
-                # optimizer moments, data position): copy that checkpoint into the branch
-                os.makedirs(os.path.join(bdir, "checkpoints"), exist_ok=True)
-                shutil.copytree(os.path.join(stable_dir, "checkpoints", str(start)),
-                                os.path.join(bdir, "checkpoints", str(start)))
-            done_count += 1
-            log(f"[wind tunnel] ({done_count}/{total}) {size.name} decay branch from step "
-                f"{start}: {decay} decay steps, {(start + decay) * config.tokens_per_step:,} "
-                "tokens")
-            result, wall = _timed_train(bconfig, export=True)
-            branch["wall_s"] = branch.get("wall_s", 0.0) + wall
-            if result.stopped_early:
-                _save_entry(out, "runs", size.name, entry)
-                return plan
-            branch.update(done=True, start_step=start, steps=result.step,
-                          decay_steps=decay, tokens=result.tokens_seen,
-                          train_loss=_final_train_loss(bdir, last=min(20, decay)),
-                          eval_loss=result.eval_loss, export_dir=result.export_dir,
-                          config=bconfig.model_dump(mode="json"))
-            _save_entry(out, "runs", size.name, entry)
-            log(f"[wind tunnel] {size.name} decay-{start}: train loss "
-                f"{branch['train_loss']:.4f}, held-out loss {branch['eval_loss']:.4f}, "
-                f"{branch['wall_s']:.0f} s")
     return plan
+
+
+@contextlib.contextmanager
+def _size_lock(out: str, name: str) -> Iterator[None]:
+    """Hold ``<out>/<name>/.lock`` while a size trains: a second process that would train the
+    same size in the same directory (and race its checkpoints) gets a ``TrainingError``."""
+    import fcntl
+
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    with open(os.path.join(out, name, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise TrainingError(
+                f"another process is training {name} in {out} (it holds {lock.name}); wait "
+                "for it or stop it") from exc
+        yield
+
+
+def _train_size(config: FamilyConfig, size: SizeSpec, index: dict[str, Any], total: int,
+                done_count: int, progress: bool, log: Any) -> int:
+    """Train one size's stable run and branches; returns the runs counted so far, or -1 when
+    a run stopped early (``run.max_minutes``)."""
+    out = os.path.abspath(config.out_dir)
+    entry = dict(index["runs"].get(size.name, {}))
+    entry.update(_size_entry(config, size))
+    entry.setdefault("branches", {})
+    stable = entry.setdefault("stable", {"done": False, "wall_s": 0.0})
+    stable_dir = os.path.join(out, size.name, "stable")
+    starts = sorted(config.branches.starts)
+    every = math.gcd(*starts)
+    stable_config = run_config(config, size, out_dir=stable_dir, steps=config.stable_steps,
+                               decay_start=None, checkpoint_every=every,
+                               keep=config.stable_steps // every + 2, export=False)
+    stable_config.run.progress = progress
+    if not stable["done"]:
+        done_count += 1
+        log(f"[wind tunnel] ({done_count}/{total}) {size.name} stable run: "
+            f"{config.stable_steps} steps, checkpoints at {starts}")
+        result, wall = _timed_train(stable_config, export=False)
+        stable["wall_s"] = stable.get("wall_s", 0.0) + wall
+        stable["config"] = stable_config.model_dump(mode="json")
+        stable["run_dir"] = stable_dir
+        if result.stopped_early:
+            _save_entry(out, "runs", size.name, entry)
+            log(f"[wind tunnel] {size.name} stable run stopped early (run.max_minutes)")
+            return -1
+        stable.update(done=True, steps=result.step, tokens=result.tokens_seen,
+                      train_loss=_final_train_loss(stable_dir), eval_loss=result.eval_loss)
+        _save_entry(out, "runs", size.name, entry)
+    missing = [s for s in starts if s not in _checkpoint_steps(stable_dir)]
+    for start in starts:
+        branch = entry["branches"].setdefault(str(start), {"done": False, "wall_s": 0.0})
+        if branch["done"]:
+            continue
+        if start in missing:
+            raise MissingPathError(
+                f"{size.name}: the stable checkpoint at step {start} is missing from "
+                f"{stable_dir}/checkpoints (have {_checkpoint_steps(stable_dir)}); "
+                "delete the stable run's index entry to retrain it")
+        decay = config.branches.decay_steps(start)
+        bdir = os.path.join(out, size.name, f"decay-{start}")
+        bconfig = run_config(config, size, out_dir=bdir, steps=start + decay,
+                             decay_start=start, decay_steps=decay,
+                             checkpoint_every=max(1, decay), keep=2, export=True)
+        bconfig.run.progress = progress
+        if not _checkpoint_steps(bdir):
+            # the branch starts from the stable run's state at step `start` (parameters,
+            # optimizer moments, data position): copy that checkpoint into the branch
+            os.makedirs(os.path.join(bdir, "checkpoints"), exist_ok=True)
+            shutil.copytree(os.path.join(stable_dir, "checkpoints", str(start)),
+                            os.path.join(bdir, "checkpoints", str(start)))
+        done_count += 1
+        log(f"[wind tunnel] ({done_count}/{total}) {size.name} decay branch from step "
+            f"{start}: {decay} decay steps, {(start + decay) * config.tokens_per_step:,} "
+            "tokens")
+        result, wall = _timed_train(bconfig, export=True)
+        branch["wall_s"] = branch.get("wall_s", 0.0) + wall
+        if result.stopped_early:
+            _save_entry(out, "runs", size.name, entry)
+            return -1
+        branch.update(done=True, start_step=start, steps=result.step,
+                      decay_steps=decay, tokens=result.tokens_seen,
+                      train_loss=_final_train_loss(bdir, last=min(20, decay)),
+                      eval_loss=result.eval_loss, export_dir=result.export_dir,
+                      config=bconfig.model_dump(mode="json"))
+        _save_entry(out, "runs", size.name, entry)
+        log(f"[wind tunnel] {size.name} decay-{start}: train loss "
+            f"{branch['train_loss']:.4f}, held-out loss {branch['eval_loss']:.4f}, "
+            f"{branch['wall_s']:.0f} s")
+    return done_count
 
 
 # ----------------------------------------------------------------------------------------------
