@@ -33,6 +33,7 @@ from cpmjax.tools.synth import (
     DIRECT_SYSTEM,
     Task,
     answer_is_correct,
+    expert_first_call,
     make_tasks,
     make_transcripts,
     task_registry,
@@ -62,6 +63,9 @@ class TaskRecord:
     new_tokens: int
     seconds: float
     trace: dict[str, Any] | None = None
+    first_call: dict[str, Any] | None = None  # the first call the model made
+    right_tool: bool | None = None  # it names the tool the expert calls first
+    exact_call: bool | None = None  # name and arguments equal the expert's first call
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,10 +135,16 @@ def run_task(model: Any, tokenizer: Any, task: Task, condition: str, *, budget: 
         raise ConfigError(f"unknown condition {condition!r}; choose from {CONDITIONS}")
     calls, valid = call_validity(result, registry)
     trace = result.trace
+    first = next((c for s in result.steps for c in s.calls), None)
+    expert = expert_first_call(task)
+    right = exact = None
+    if expert is not None:
+        right = first is not None and first["name"] == expert.name
+        exact = right and first["arguments"] == expert.arguments
     return TaskRecord(task.kind, task.question, task.answer, condition, result.answer,
                       answer_is_correct(task, result.answer), result.stopped,
                       result.model_calls, calls, valid, trace["new_tokens"], result.seconds,
-                      trace if keep_trace else None)
+                      trace if keep_trace else None, first, right, exact)
 
 
 def summarize(records: Sequence[TaskRecord]) -> list[dict[str, Any]]:
@@ -147,8 +157,13 @@ def summarize(records: Sequence[TaskRecord]) -> list[dict[str, Any]]:
     rows = []
     for (condition, kind), items in sorted(groups.items()):
         calls = sum(r.calls for r in items)
+        judged = [r for r in items if r.right_tool is not None]
         rows.append({"condition": condition, "kind": kind, "tasks": len(items),
                      "success": sum(r.correct for r in items) / len(items),
+                     "right_tool": (sum(r.right_tool for r in judged) / len(judged)) if judged
+                     else None,
+                     "exact_call": (sum(r.exact_call for r in judged) / len(judged)) if judged
+                     else None,
                      "calls": calls,
                      "valid_rate": (sum(r.valid_calls for r in items) / calls) if calls
                      else None,

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cpmjax.errors import ConfigError
-from cpmjax.tools.agents import DEFAULT_SYSTEM, Step, system_prompt
+from cpmjax.tools.agents import Step, system_prompt
 from cpmjax.tools.builtins import calculator_tool, key_value_tool
 from cpmjax.tools.calls import Observation, ToolCall
 from cpmjax.tools.dfsdt import _GIVE_UP_TOOL, _RULE, GIVE_UP, diversity_note
@@ -45,6 +45,7 @@ __all__ = [
     "Task",
     "Transcript",
     "answer_is_correct",
+    "expert_first_call",
     "make_task",
     "make_tasks",
     "make_transcript",
@@ -306,6 +307,11 @@ def _plan(task: Task) -> list[tuple[str, ToolCall | None]]:
                  ToolCall("calculator", {"expression": f"{price} * {task.get('count')}"})),
                 ("I have the result.", None)]
     return [("No tool is needed.", None)]
+
+
+def expert_first_call(task: Task) -> ToolCall | None:
+    """The call the expert makes first for ``task`` (None: it answers without a tool)."""
+    return _plan(task)[0][1]
 
 
 def _reply(fmt: Any, registry: ToolRegistry, thought: str, call: ToolCall | None,
