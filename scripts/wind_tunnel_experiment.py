@@ -138,15 +138,17 @@ def _predict(args: argparse.Namespace) -> None:
     index = os.path.join(args.family, "family.json")
     with open(index) as f:
         trained = json.load(f)["runs"]
-    if args.target in trained and any(b.get("done") for b in
-                                      trained[args.target].get("branches", {}).values()):
+    target_trained = args.target in trained and any(
+        b.get("done") for b in trained[args.target].get("branches", {}).values())
+    if target_trained and not args.post_hoc:
         raise SystemExit(f"{args.target} already has a finished branch: a prediction must be "
-                         "written before the model is trained")
+                         "written before the model is trained (--post-hoc for an analysis "
+                         "after the fact, marked as such)")
     sizes = args.sizes.split(",")
     tasks = sorted({f[:-5] for d in args.eval for s in sizes
                     if os.path.isdir(os.path.join(d, s)) for f in os.listdir(os.path.join(d, s))
                     if f.endswith(".json")})
-    record = {"kind": "wind_tunnel_prediction",
+    record = {"kind": "wind_tunnel_prediction", "post_hoc": bool(target_trained),
               "written_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "git_head": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                          text=True).stdout.strip(),
@@ -307,6 +309,8 @@ def main() -> None:
     p.add_argument("--sizes", required=True)
     p.add_argument("--target", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--post-hoc", action="store_true",
+                   help="allow a target that is already trained (the record says post_hoc)")
     p.set_defaults(func=_predict)
     p = sub.add_parser("report")
     p.add_argument("--family", required=True)
