@@ -285,3 +285,23 @@ def test_inherited_delta_and_recovery_both_train(corpus):
     cd.inherit(d, student)
     cd.attach(student, "recovery", name="recovery", targets=LINEARS, r=2)
     assert sorted(cd.active_names(student)) == ["default", "recovery"]
+
+
+def test_config_runs_nf4_and_structured_pruning():
+    """``compress.quantize.bits: nf4`` and ``compress.prune_neurons`` reach cpmjax.compress
+    through the recipe's config, in the documented order (pruning before quantizing)."""
+    from cpmjax.train.setup import compress_model
+
+    config = load_config(overrides={"compress.prune_neurons": {"sparsity": 0.25},
+                                    "compress.quantize": {"bits": "nf4"}})
+    model = tiny()
+    done = compress_model(config, model)
+    assert done == ["prune neurons 0.25 (magnitude)", "nf4 per channel"]
+    record = cc.compression_of(model)
+    assert [r["kind"] for r in record] == ["prune_neurons", "quantize"]
+    assert record[0]["sparsity"] == 0.25 and record[1]["bits"] == "nf4"
+    assert len(cc.quantized_modules(model)) == len(record[1]["modules"]) == 14
+    with pytest.raises(ConfigError, match="prune_neurons.sparsity"):
+        load_config(overrides={"compress.prune_neurons": {"sparsity": 1.0}})
+    with pytest.raises(ConfigError, match="bits"):
+        load_config(overrides={"compress.quantize": {"bits": "nf3"}})

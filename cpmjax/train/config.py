@@ -109,13 +109,20 @@ class DeltaConfig(_Section):
 
 
 class QuantizeConfig(_Section):
-    bits: Literal[4, 8] = 8
+    bits: Literal[4, 8, "nf4"] = 8  # "nf4": 4-bit NormalFloat levels
     group_size: int | None = None  # None: one scale per output channel
 
 
 class PruneConfig(_Section):
     sparsity: float = 0.5
     pattern: str = "unstructured"  # or "N:M", e.g. "2:4"
+    criterion: Literal["magnitude", "wanda"] = "magnitude"
+
+
+class PruneNeuronsConfig(_Section):
+    """Structured pruning: remove this fraction of every dense MLP's intermediate neurons."""
+
+    sparsity: float = 0.5
     criterion: Literal["magnitude", "wanda"] = "magnitude"
 
 
@@ -126,17 +133,19 @@ class MoefyConfig(_Section):
 
 class CompressConfig(_Section):
     """Compressions applied to the loaded backbone before any delta is attached, in the order
-    prune, moefy, quantize (``cpmjax.compress``). Wanda pruning and MoEfication calibrate on
+    prune, prune_neurons, moefy, quantize (``cpmjax.compress``). Wanda pruning and MoEfication calibrate on
     the first ``calibration_batches`` packed batches of the training tokens."""
 
     prune: PruneConfig | None = None
+    prune_neurons: PruneNeuronsConfig | None = None
     moefy: MoefyConfig | None = None
     quantize: QuantizeConfig | None = None
     calibration_batches: int = 2
 
     @property
     def active(self) -> bool:
-        return any(x is not None for x in (self.prune, self.moefy, self.quantize))
+        return any(x is not None
+                   for x in (self.prune, self.prune_neurons, self.moefy, self.quantize))
 
 
 class DistillConfig(_Section):
@@ -255,6 +264,9 @@ def compress_distill_problem(config: TrainConfig) -> str | None:
     c, d = config.compress, config.distill
     if c.prune is not None and not 0.0 < c.prune.sparsity < 1.0:
         return f"compress.prune.sparsity must be in (0, 1), got {c.prune.sparsity}"
+    if c.prune_neurons is not None and not 0.0 < c.prune_neurons.sparsity < 1.0:
+        return ("compress.prune_neurons.sparsity must be in (0, 1), got "
+                f"{c.prune_neurons.sparsity}")
     if c.quantize is not None and c.quantize.group_size is not None and c.quantize.group_size < 1:
         return f"compress.quantize.group_size must be >= 1, got {c.quantize.group_size}"
     if c.moefy is not None and not 1 <= c.moefy.top_k <= c.moefy.num_experts:

@@ -133,7 +133,8 @@ def calibration_ids(config: TrainConfig, tokenizer: Any, train_tokens: np.ndarra
 
 
 def compress_model(config: TrainConfig, model: CausalLM, calibration: Any = None) -> list[str]:
-    """Apply ``config.compress`` to ``model`` in place (prune, then moefy, then quantize; before
+    """Apply ``config.compress`` to ``model`` in place (prune, prune_neurons, moefy, then
+    quantize; before
     any delta is attached); returns what was done. ``calibration``: token ids for Wanda and
     MoEfication (``calibration_ids``). Bad settings raise ``CompressionError`` before any
     compute."""
@@ -144,13 +145,19 @@ def compress_model(config: TrainConfig, model: CausalLM, calibration: Any = None
         compress_lib.prune(model, c.prune.sparsity, c.prune.pattern, c.prune.criterion,
                            calibration=calibration)
         done.append(f"prune {c.prune.pattern} {c.prune.sparsity:g} ({c.prune.criterion})")
+    if c.prune_neurons is not None:
+        compress_lib.prune_neurons(model, c.prune_neurons.sparsity, c.prune_neurons.criterion,
+                                   calibration=calibration)
+        done.append(f"prune neurons {c.prune_neurons.sparsity:g} "
+                    f"({c.prune_neurons.criterion})")
     if c.moefy is not None:
         compress_lib.moefy(model, c.moefy.num_experts, c.moefy.top_k, calibration=calibration)
         done.append(f"moefy {c.moefy.num_experts} experts, top {c.moefy.top_k}")
     if c.quantize is not None:
         compress_lib.quantize(model, bits=c.quantize.bits, group_size=c.quantize.group_size)
         group = c.quantize.group_size
-        done.append(f"int{c.quantize.bits} " + (f"groups of {group}" if group else "per channel"))
+        fmt = "nf4" if c.quantize.bits == "nf4" else f"int{c.quantize.bits}"
+        done.append(f"{fmt} " + (f"groups of {group}" if group else "per channel"))
     return done
 
 
