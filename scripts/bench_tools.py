@@ -23,7 +23,7 @@ from cpmjax.tools.experiment import (
     summarize,
     training_questions,
 )
-from cpmjax.tools.training import tool_model_dir
+from cpmjax.tools.training import tool_format, tool_model_dir
 
 KINDS = ("arithmetic", "convert", "lookup", "lookup_arith")
 
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
         return 0
     tasks = held_out_tasks({k: args.per_kind for k in KINDS}, seed=args.seed, exclude=seen)
     model_dir = args.model or os.path.relpath(tool_model_dir())
+    call_format = tool_format(model_dir)  # the prompts it was trained on
     models = {"tools": (cpmjax.from_pretrained(model_dir), cpmjax.load_tokenizer(model_dir))}
     plan = []
     if "react" in parts:
@@ -80,10 +81,11 @@ def main(argv=None) -> int:
         plan.append(("baseline", "direct", ("arithmetic", "convert", "lookup")))
     os.makedirs(os.path.dirname(args.records) or ".", exist_ok=True)
     records = run_experiment(models, tasks, plan, path=args.records, budget=args.budget,
-                             beam=args.beam, temperature=args.temperature)
+                             beam=args.beam, temperature=args.temperature, format=call_format)
     overhead = sandbox_overhead(args.sandbox_repeats) if "sandbox" in parts else None
     rows = summarize(records)
     data = {"meta": machine_info(), "model": model_dir, "baseline": args.baseline,
+            "format": call_format,
             "tasks_per_kind": args.per_kind, "budget": args.budget, "beam": args.beam,
             "dfsdt_temperature": args.temperature, "held_out_seed": args.seed,
             "summary": rows, "sandbox_seconds": overhead,

@@ -6,7 +6,7 @@ import os
 
 from cpmjax.tools.experiment import call_validity
 from cpmjax.tools.synth import make_tasks, task_registry
-from cpmjax.tools.training import SPECIAL_TOKENS, tool_model_dir
+from cpmjax.tools.training import SPECIAL_TOKENS, tool_format, tool_model_dir
 
 
 def test_the_bundled_tool_model_is_small_bfloat16_with_the_tool_tokens():
@@ -36,7 +36,8 @@ def test_the_bundled_tool_model_calls_the_calculator():
     model, tokenizer = cpmjax.from_pretrained(path), cpmjax.load_tokenizer(path)
     task = make_tasks(4242, 1, ("arithmetic",))[0]
     registry = task_registry(task)
-    result = react(model, tokenizer, task.question, registry, max_steps=2, max_new_tokens=48)
+    result = react(model, tokenizer, task.question, registry, max_steps=2, max_new_tokens=48,
+                   format=tool_format(path))
     first = result.steps[0]
     assert first.kind == "calls", first.text
     assert first.calls[0]["name"] == "calculator"

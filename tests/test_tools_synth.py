@@ -26,6 +26,7 @@ from cpmjax.tools.synth import (
     make_transcripts,
     task_registry,
 )
+from cpmjax.tools import synth
 from cpmjax.tools.training import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
@@ -290,3 +291,79 @@ def test_chat_model_path_names_the_bundled_models(tmp_path):
     assert model_path(None) == (tool_model_dir() if bundled else cpmjax.default_model_path())
     with pytest.raises(MissingPathError, match="no-such-model"):
         model_path("no-such-model")
+
+
+def test_compact_format_describes_each_tool_in_one_line_and_parses_like_minicpm3(tokenizer):
+    from cpmjax.tools.agents import system_prompt
+    from cpmjax.tools.formats import get_format
+
+    task = make_tasks(21, 1, ("lookup",))[0]
+    registry = task_registry(task)
+    compact = system_prompt(get_format("compact"), registry)
+    full = system_prompt(get_format("minicpm3"), registry)
+    lines = compact.split("Tools:\n", 1)[1].splitlines()
+    assert [line.split("(")[0] for line in lines] == [s["function"]["name"]
+                                                      for s in registry.schemas()]
+    assert lines[0].startswith("calculator(expression: str) - ")
+    assert len(tokenizer(compact)["input_ids"]) < len(tokenizer(full)["input_ids"]) / 3
+    # the training data render the agents' prompt in this format; calls parse as minicpm3
+    transcript = synth.make_transcript(task, random.Random(0), "react", tokenizer,
+                                       format="compact", mistake_rate=0.0)
+    start = transcript.spans[0][0]
+    fmt = get_format("compact")
+    system = system_prompt(fmt, task_registry(transcript.task))
+    assert transcript.text[:start] == fmt.prompt(tokenizer, system, transcript.task.question, [])
+    reply = transcript.replies[0].text
+    assert parse_reply(reply, "compact").calls == parse_reply(reply, "minicpm3").calls == \
+        [synth.expert_first_call(task)]
+
+
+def test_repeat_curriculum_copies_the_question():
+    many = make_transcripts(8, 200, kinds={"repeat": 0.5, "arithmetic": 0.5})
+    repeats = [t for t in many if t.task.kind == "repeat"]
+    assert repeats and all(t.variant == "direct" for t in repeats)
+    for t in repeats:
+        text = t.task.question.removeprefix("Repeat: ")
+        assert t.task.answer == text
+        assert t.text[t.spans[0][0]:t.spans[0][1]] == text + IM_END
+    with pytest.raises(ConfigError, match="unknown task kind"):
+        make_tasks(0, 1, ("nope",))
+
+
+def test_first_call_probe_masks_exactly_the_expert_call_and_scores_a_perfect_model(tokenizer):
+    from cpmjax.tools.training import ToolDataConfig, first_call_probe, probe_rows
+
+    tools = ToolDataConfig(format="compact", probe_tasks=8)
+    rows, kinds = probe_rows(tokenizer, tools, 256, seed=5)
+    assert kinds == ["arithmetic", "convert", "lookup", "lookup_arith"] * 2
+    tasks = make_tasks(5, 8, ("arithmetic", "convert", "lookup", "lookup_arith"))
+    for i, task in enumerate(tasks):
+        masked = rows["targets"][i][rows["call_mask"][i]]
+        call = synth.expert_first_call(task)
+        args = ", ".join(f"{k}={v!r}" for k, v in call.arguments.items())
+        assert tokenizer.decode(masked.tolist()) == f"{call.name}({args})"
+    vocab = len(tokenizer)
+
+    class Oracle:  # predicts every target, except the first call's last token in row 0
+        def __call__(self, ids, positions):
+            start = self.offset
+            self.offset += len(ids)
+            targets = rows["targets"][start: start + len(ids)].copy()
+            if start == 0:
+                last = np.flatnonzero(rows["call_mask"][0])[-1]
+                targets[0, last] = (targets[0, last] + 1) % vocab
+            return np.eye(vocab, dtype=np.float32)[targets]
+
+    oracle = Oracle()
+    oracle.offset = 0
+    scores = first_call_probe(oracle, rows, kinds, batch=3)
+    assert scores["first_call_exact"] == 7 / 8
+    assert scores["arithmetic"] == 0.5 and scores["lookup"] == 1.0
+
+
+def test_tool_format_file(tmp_path):
+    from cpmjax.tools.training import TOOL_FORMAT_FILE, tool_format
+
+    assert tool_format(str(tmp_path)) == "minicpm3"
+    (tmp_path / TOOL_FORMAT_FILE).write_text('{"format": "compact"}')
+    assert tool_format(str(tmp_path)) == "compact"

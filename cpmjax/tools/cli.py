@@ -37,7 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tools", default="calculator,lookup",
                    help=f"comma-separated tools from {', '.join(BUILTINS)} (or 'none')")
     p.add_argument("--search", default="react", choices=["react", "dfsdt"])
-    p.add_argument("--format", default="minicpm3", choices=sorted(FORMATS))
+    p.add_argument("--format", default=None, choices=sorted(FORMATS),
+                   help="default: the format the model was trained with (its "
+                        "tool_format.json), else minicpm3")
     p.add_argument("--prompt", default=None, help="one question (default: read stdin)")
     p.add_argument("--max-steps", type=int, default=4, help="model calls per path")
     p.add_argument("--max-model-calls", type=int, default=8, help="dfsdt: the budget")
@@ -129,7 +131,9 @@ def _run_chat(args: Any) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    common = {"format": args.format, "max_steps": args.max_steps,
+    from cpmjax.tools.training import tool_format
+
+    common = {"format": args.format or tool_format(path), "max_steps": args.max_steps,
               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "on_step": _show_step, "on_text": on_text}
     traces = []

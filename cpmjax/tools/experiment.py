@@ -110,8 +110,11 @@ def call_validity(result: AgentResult, registry: ToolRegistry) -> tuple[int, int
 
 def run_task(model: Any, tokenizer: Any, task: Task, condition: str, *, budget: int = 4,
              beam: int = 2, dfsdt_depth: int = 4, temperature: float = 0.7,
-             max_new_tokens: int = 64, seed: int = 0, keep_trace: bool = False) -> TaskRecord:
-    """Run ``model`` on ``task`` under ``condition`` (see the module docstring)."""
+             max_new_tokens: int = 64, seed: int = 0, keep_trace: bool = False,
+             format: str = "minicpm3") -> TaskRecord:
+    """Run ``model`` on ``task`` under ``condition`` (see the module docstring); ``format``:
+    the call format (and tool description) the agents prompt with, the model's training
+    format."""
     registry = task_registry(task)
     if condition == "direct":
         policy = ModelPolicy(model, tokenizer, max_new_tokens=max_new_tokens,
@@ -119,18 +122,18 @@ def run_task(model: Any, tokenizer: Any, task: Task, condition: str, *, budget: 
         prompt = chat_text(tokenizer, [{"role": "system", "content": DIRECT_SYSTEM},
                                        {"role": "user", "content": task.question}])
         completion = policy(prompt)
-        reply = parse_reply(completion.text)
+        reply = parse_reply(completion.text, format)
         answer = reply.answer if reply.answer is not None else completion.text
         return TaskRecord(task.kind, task.question, task.answer, condition, answer,
                           answer_is_correct(task, answer), "answer", 1, 0, 0,
                           completion.new_tokens, completion.seconds)
     if condition == "react":
         result = react(model, tokenizer, task.question, registry, max_steps=budget,
-                       max_new_tokens=max_new_tokens, seed=seed)
+                       max_new_tokens=max_new_tokens, seed=seed, format=format)
     elif condition == "dfsdt":
         result = dfsdt(model, tokenizer, task.question, registry, max_model_calls=budget,
                        beam=beam, max_steps=dfsdt_depth, temperature=temperature,
-                       max_new_tokens=max_new_tokens, seed=seed)
+                       max_new_tokens=max_new_tokens, seed=seed, format=format)
     else:
         raise ConfigError(f"unknown condition {condition!r}; choose from {CONDITIONS}")
     calls, valid = call_validity(result, registry)

@@ -367,11 +367,32 @@ def _react_call(text: str, action: re.Match) -> ToolCall:
     return ToolCall(name, value)
 
 
-FORMATS: dict[str, Format] = {"minicpm3": MiniCPM3Format(), "react": ReActFormat()}
+class CompactFormat(MiniCPM3Format):
+    """The MiniCPM3 call format with the tools described in one line each
+    (``name(arg: type) - the description's first sentence``) and no reply instructions: what
+    the small tool model is trained with (its replies and calls parse exactly as
+    ``minicpm3``), so that most of a short transcript is the assistant's turns."""
+
+    name = "compact"
+
+    def describe_tools(self, tools: list[dict[str, Any]], extra_rules: str = "") -> str:
+        lines = []
+        for tool in tools:
+            function = tool.get("function", tool)
+            props = (function.get("parameters") or {}).get("properties", {})
+            args = ", ".join(f"{n}: {_hint(s)}" for n, s in props.items())
+            summary = function.get("description", "").strip().split(". ")[0].rstrip(".")
+            lines.append(f"{function['name']}({args}) - {summary}")
+        return "Tools:\n" + "\n".join(lines) + ("\n" + extra_rules.strip() if extra_rules
+                                                 else "")
+
+
+FORMATS: dict[str, Format] = {"minicpm3": MiniCPM3Format(), "react": ReActFormat(),
+                              "compact": CompactFormat()}
 
 
 def get_format(name: str | Format) -> Format:
-    """The ``Format`` named ``name`` (``"minicpm3"`` or ``"react"``)."""
+    """The ``Format`` named ``name`` (``"minicpm3"``, ``"compact"`` or ``"react"``)."""
     if isinstance(name, Format):
         return name
     if name not in FORMATS:

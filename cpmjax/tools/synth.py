@@ -198,13 +198,21 @@ def make_task(rng: random.Random, kind: str) -> Task:
         price = int(store[key])
         return Task(kind, question, str(price * count), tuple(sorted(store.items())),
                     data=(("key", key), ("count", count)))
+    if kind == "repeat":
+        # curriculum: copy an expression or a key from the question into the answer
+        if rng.random() < 0.5:
+            a, b = _number(rng, 1, 4), _number(rng, 1, 4)
+            text = f"{a} {rng.choice('+-*')} {b}"
+        else:
+            text = f"{_name(rng)}.{rng.choice(_ATTRIBUTES)}"
+        return Task(kind, f"Repeat: {text}", text)
     if kind == "direct":
         if rng.random() < 0.5:
             question, answer = rng.choice(_GREETINGS)
             return Task(kind, question, answer)
         a, b = rng.randint(1, 9), rng.randint(0, 9)
         return Task(kind, f"What is {a} + {b}?", str(a + b), data=(("expression", f"{a} + {b}"),))
-    raise ConfigError(f"unknown task kind {kind!r}; choose from {KINDS}")
+    raise ConfigError(f"unknown task kind {kind!r}; choose from {KINDS + ('repeat',)}")
 
 
 def make_tasks(seed: int, count: int, kinds: Sequence[str] = KINDS,
@@ -258,6 +266,8 @@ def _final_text(task: Task) -> str:
         return f"The {attribute} of {entity} is {task.answer}."
     if task.kind == "lookup_arith":
         return f"They cost {task.answer}."
+    if task.kind == "repeat":
+        return task.answer
     return task.answer if not task.data else f"{task.get('expression')} = {task.answer}"
 
 
@@ -399,7 +409,8 @@ def make_transcripts(seed: int, count: int, tokenizer: Any = None, *,
                      format: str = "minicpm3") -> list[Transcript]:
     """``count`` transcripts: each draws a kind (weights ``kinds``) and a variant (weights
     ``variants``; ``direct`` only for kinds a model could answer without tools: arithmetic,
-    convert, direct). Deterministic in ``seed``."""
+    convert, direct; always for ``repeat``, the copying curriculum outside ``KINDS``).
+    Deterministic in ``seed``."""
     variants = variants or {"react": 0.6, "dfsdt": 0.3, "direct": 0.1}
     kinds = kinds or {"arithmetic": 0.3, "lookup": 0.2, "convert": 0.2, "lookup_arith": 0.2,
                       "direct": 0.1}
@@ -412,6 +423,8 @@ def make_transcripts(seed: int, count: int, tokenizer: Any = None, *,
         variant = rng.choices(variant_names, variant_weights)[0]
         if variant == "direct" and kind in ("lookup", "lookup_arith"):
             continue
+        if kind == "repeat":  # a curriculum turn: no tools
+            variant = "direct"
         task = make_task(rng, kind)
         out.append(make_transcript(task, rng, variant, tokenizer, format=format))
     return out

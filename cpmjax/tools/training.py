@@ -71,6 +71,9 @@ class ToolDataConfig(_Section):
     vocab_size: int = 2048
     tokenizer_transcripts: int = 4000  # transcripts the BPE is trained on
     local_text_bytes: int = 400_000  # plus this much of the stdlib's pydoc topics (English)
+    format: str = "minicpm3"  # the call format and tool description the prompts use
+    probe_every: int = 0  # steps between first-call probes (0: none)
+    probe_tasks: int = 48  # held-out tasks the probe scores
 
 
 class ToolModelConfig(BaseModel):
@@ -192,6 +195,7 @@ class PackedRows:
 
     arrays: dict[str, np.ndarray]
     dropped: int
+    questions: set[str] = dataclasses.field(default_factory=set)  # the transcripts' questions
 
     @property
     def rows(self) -> int:
@@ -246,6 +250,62 @@ def pack_transcripts(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: 
     return PackedRows(arrays, dropped)
 
 
+# -- the first-call probe -------------------------------------------------------------------
+
+def probe_rows(tokenizer: Any, tools: ToolDataConfig, seq_len: int, *, seed: int = 4242,
+               exclude: set[str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Rows for ``first_call_probe``: ``tools.probe_tasks`` held-out tasks (arithmetic,
+    convert, lookup, lookup_arith in turn; no question of ``exclude``) rendered as the
+    expert's ReAct transcript with no mistake, one per row, and ``call_mask`` marking the
+    targets that are the first call's line (``name(arguments)``)."""
+    from cpmjax.tools.synth import make_tasks, make_transcript
+    import random
+
+    tasks = make_tasks(seed, tools.probe_tasks,
+                       ("arithmetic", "convert", "lookup", "lookup_arith"), exclude)
+    rng = random.Random(seed)
+    ids_rows, mask_rows, kinds = [], [], []
+    for task in tasks:
+        transcript = make_transcript(task, rng, "react", tokenizer, format=tools.format,
+                                     mistake_rate=0.0)
+        start = transcript.spans[0][0]
+        line = transcript.text.index("```python\n", start) + len("```python\n")
+        end = transcript.text.index("\n```", line)
+        encoded = tokenizer(transcript.text, add_special_tokens=False,
+                            return_offsets_mapping=True)
+        ids = np.asarray(encoded["input_ids"], np.int32)[: seq_len + 1]
+        starts = np.asarray([a for a, _ in encoded["offset_mapping"]])[: seq_len + 1]
+        call = (starts >= line) & (starts < end)
+        pad = seq_len + 1 - len(ids)
+        ids_rows.append(np.concatenate([ids, np.full(pad, PAD_ID, np.int32)]))
+        mask_rows.append(np.concatenate([call, np.zeros(pad, bool)]))
+        kinds.append(task.kind)
+    ids = np.stack(ids_rows)
+    mask = np.stack(mask_rows)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (len(ids), seq_len))
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "positions": positions,
+            "call_mask": mask[:, 1:]}, kinds
+
+
+def first_call_probe(model: Any, rows: dict[str, np.ndarray], kinds: Sequence[str],
+                     batch: int = 16) -> dict[str, float]:
+    """Teacher-forced first-call exact match: the share of probe rows whose every token of
+    the first call's line is the model's argmax given the expert's text before it (what
+    greedy decoding writes when the thought before the call is the expert's), overall and per
+    kind."""
+    hits = []
+    for i in range(0, len(rows["input_ids"]), batch):
+        logits = model(rows["input_ids"][i: i + batch], positions=rows["positions"][i: i + batch])
+        predicted = np.asarray(logits.argmax(-1))
+        mask = rows["call_mask"][i: i + batch]
+        right = (predicted == rows["targets"][i: i + batch]) | ~mask
+        hits += list(right.all(axis=1) & mask.any(axis=1))
+    out = {"first_call_exact": float(np.mean(hits))}
+    for kind in sorted(set(kinds)):
+        out[kind] = float(np.mean([h for h, k in zip(hits, kinds) if k == kind]))
+    return out
+
+
 # -- training -------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -279,9 +339,11 @@ def prepare_tool_data(config: ToolModelConfig) -> tuple[Any, PackedRows, dict[st
                                          + _local_text(tools.local_text_bytes),
                                          tok_dir, tools.vocab_size)
     transcripts = make_transcripts(tools.seed, tools.transcripts, tokenizer,
-                                   variants=tools.variants, kinds=tools.kinds)
+                                   variants=tools.variants, kinds=tools.kinds,
+                                   format=tools.format)
     encoded = [encode_transcript(tokenizer, t) for t in transcripts]
     packed = pack_transcripts(encoded, config.train.data.seq_len)
+    packed.questions = {t.task.question for t in transcripts}
     lengths = [len(ids) for ids, _ in encoded]
     stats = {"transcripts": len(transcripts), "rows": packed.rows, "dropped": packed.dropped,
              "tokens_per_transcript_median": float(np.median(lengths)),
@@ -354,6 +416,10 @@ def train_tool_model(config: ToolModelConfig, *, export: bool = True,
         return np.random.default_rng((run.seed, e)).permutation(packed.rows)
 
     perm = order(epoch)
+    probe = None
+    if config.tools.probe_every > 0:
+        probe = probe_rows(tokenizer, config.tools, tc.data.seq_len, exclude=packed.questions)
+        probe_path = os.path.join(run.out_dir, "probe.jsonl")
     losses: list[float] = []
     start = time.time()
     last_save = start
@@ -383,6 +449,12 @@ def train_tool_model(config: ToolModelConfig, *, export: bool = True,
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 log(f"[tools train] {json.dumps(record)}")
+            if probe is not None and step % config.tools.probe_every == 0:
+                nnx.update((model, optimizer), state)
+                scores = {"step": step, **first_call_probe(model, *probe)}
+                with open(probe_path, "a") as f:
+                    f.write(json.dumps(scores) + "\n")
+                log(f"[tools probe] {json.dumps(scores)}")
             out_of_time = run.max_minutes is not None and elapsed > run.max_minutes * 60
             if (run.checkpoint_minutes is not None
                     and time.time() - last_save > run.checkpoint_minutes * 60) or out_of_time:
@@ -398,11 +470,24 @@ def train_tool_model(config: ToolModelConfig, *, export: bool = True,
     export_dir = None
     if export:
         export_dir = export_model(tc, model, tokenizer)
+        with open(os.path.join(export_dir, TOOL_FORMAT_FILE), "w") as f:
+            json.dump({"format": config.tools.format}, f)
     return ToolTrainResult(step, losses, tokens_seen, loss_tokens, export_dir,
                            time.time() - start, packed.rows, packed.dropped)
 
 
 TOOL_MODEL_NAME = "cpmjax-tools"
+TOOL_FORMAT_FILE = "tool_format.json"  # {"format": name}: the call format a model trained on
+
+
+def tool_format(model_dir: str) -> str:
+    """The call format (``cpmjax.tools.formats.FORMATS``) the model in ``model_dir`` was
+    trained with, from its ``tool_format.json``; ``"minicpm3"`` when it has none."""
+    path = os.path.join(model_dir, TOOL_FORMAT_FILE)
+    if not os.path.isfile(path):
+        return "minicpm3"
+    with open(path) as f:
+        return str(json.load(f)["format"])
 
 
 def tool_model_dir() -> str:
@@ -419,7 +504,8 @@ def install_tool_model(export_dir: str) -> str:
     import shutil
 
     keep = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+            "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
+            TOOL_FORMAT_FILE)
     if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
         raise MissingPathError(f"{export_dir} has no model.safetensors to install")
     target = tool_model_dir()
