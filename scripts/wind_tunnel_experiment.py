@@ -103,25 +103,13 @@ def _interval_cell(interval: list[float] | None) -> str | None:
 
 
 def _prediction_interval(law, n_target: float, confidence: float = 0.95) -> list[float] | None:
-    """The OLS prediction interval of the fitted line ``F = log(-log PU)`` against ``log N`` at
-    ``n_target``, mapped back to PU (the spread of the points about the line, not only the
-    coefficients' error)."""
-    from scipy.stats import t
-
-    x = np.log(np.asarray(law.n_params, np.float64))
-    y = np.log(-np.log(np.asarray(law.pass_rates, np.float64)))
-    k = x.size
-    if k < 3:
+    """The fitted law's prediction interval at ``n_target`` (``TaskScaling.prediction_interval``:
+    the spread of the points about the line, not only the coefficients' error); None for an
+    instance-level law."""
+    if law.level != "dataset":
         return None
-    slope, intercept = np.polyfit(x, y, 1)
-    residual = y - (slope * x + intercept)
-    s = np.sqrt(np.sum(residual**2) / (k - 2))
-    x0 = np.log(n_target)
-    se = s * np.sqrt(1 + 1 / k + (x0 - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
-    q = t.ppf(0.5 + confidence / 2, k - 2)
-    f0 = slope * x0 + intercept
-    # PU = exp(-exp(F)): decreasing in F
-    return [float(np.exp(-np.exp(f0 + q * se))), float(np.exp(-np.exp(f0 - q * se)))]
+    low, high = law.prediction_interval(n_target, confidence)
+    return [float(low), float(high)]
 
 
 def _predict(args: argparse.Namespace) -> None:
