@@ -223,6 +223,10 @@ def compiled(cache: CompileCache, stats: GenerationStats, key: Any, fn: Callable
     return executable
 
 
+# 4-bit integer dtypes and the byte-wide dtype that carries their values on a mesh
+_SUB_BYTE = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.uint4): jnp.uint8}
+
+
 def on_mesh(tree: Any, mesh: Mesh) -> Any:
     """Every array leaf of ``tree`` on the devices of ``mesh``: a leaf already laid out over
     exactly those devices is kept (e.g. weights sharded by ``from_pretrained(mesh=)``); any
@@ -247,6 +251,10 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
             x = np.asarray(x)
         else:
             return x
+        if x.dtype in _SUB_BYTE:
+            # JAX (CPU) drops the packed layout of 4-bit arrays placed on a mesh, and the
+            # compiled program then refuses them: carry the same values in a byte each
+            x = x.astype(_SUB_BYTE[x.dtype])
         if sharding.is_fully_addressable:
             return jax.device_put(x, sharding)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
