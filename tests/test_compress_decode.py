@@ -1,8 +1,7 @@
 """Quantized models in the decoding paths and under the recovery delta's defaults: speculative
 decoding (EAGLE-2 on int8, FR-Spec on grouped int4) gives exactly the model's own vanilla greedy
-output, the ring prefill of an int8 model equals its local prefill (int4 on a mesh: a known
-gap, marked), and ``"recovery"``
-attached with its default targets finds every projection of a quantized model (and the same
+output, the ring prefill of int8 and int4 models and the exact-limit APB prefill of an int4
+model equal their local prefill, and ``"recovery"`` attached with its default targets finds every projection of a quantized model (and the same
 ones on the float model) and is the identity at init."""
 
 from __future__ import annotations
@@ -59,6 +58,20 @@ def test_ring_prefill_of_a_quantized_model_equals_local(bits):
     local = cpmjax.generate(model, prompts, 6)
     ring = cpmjax.generate(model, prompts, 6, prefill="ring", mesh=make_mesh(sequence=4))
     np.testing.assert_array_equal(ring.tokens, local.tokens)
+
+
+def test_apb_prefill_of_an_int4_model_in_its_exact_limit_equals_local():
+    """APB with no anchor, whole blocks passed and every entry kept is exact causal attention,
+    so an int4 model decodes the same tokens as with its local prefill."""
+    model = tiny()
+    cc.quantize(model, bits=4, group_size=16)
+    prompts = np.random.RandomState(6).randint(3, 96, (2, 32))
+    local = cpmjax.generate(model, prompts, 6)
+    apb = cpmjax.generate(model, prompts, 6, prefill="apb", mesh=make_mesh(sequence=4),
+                          prefill_options={"anchor_len": 0, "passing_len": 8,
+                                           "scorer": lambda q, k, v, *, query:
+                                           jnp.zeros(k.shape[:3])})
+    np.testing.assert_array_equal(apb.tokens, local.tokens)
 
 
 def test_recovery_default_targets_find_quantized_projections_and_start_as_identity():
