@@ -49,7 +49,7 @@ from cpmjax.fusion.io import from_specialist_dirs, save_fused
 from cpmjax.fusion.model import FusedLM
 from cpmjax.tokenizer import load_tokenizer
 from cpmjax.train.checkpoint import Checkpointer
-from cpmjax.train.config import parse_override
+from cpmjax.train.config import read_yaml_config
 from cpmjax.train.data import collect_files, pack_rows
 from cpmjax.train.loss import chunked_cross_entropy
 from cpmjax.train.optim import adamw_mup
@@ -125,31 +125,7 @@ def load_fusion_config(path: str | os.PathLike | None = None,
                        overrides: dict[str, Any] | list[str] | None = None) -> FusionConfig:
     """A ``FusionConfig`` from YAML (a top-level mapping, or its ``fusion:`` section) with
     dotted ``key.sub=value`` overrides. Errors name the file and the field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise MissingPathError(f"fusion config {path} does not exist")
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level")
-        if "fusion" in data:
-            data = data["fusion"]
-    items = overrides or {}
-    if isinstance(items, list):
-        items = dict(parse_override(x) for x in items)
-    for dotted, value in items.items():
-        node = data
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
-        node[keys[-1]] = value
+    data = read_yaml_config(path, "fusion config", overrides, section="fusion")
     try:
         config = FusionConfig(**data)
     except ValidationError as exc:

@@ -45,7 +45,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cpmjax.errors import ConfigError, MissingPathError, TrainingError
@@ -241,16 +240,10 @@ def load_family_config(path: str | os.PathLike, overrides: dict[str, Any] | None
                        ) -> FamilyConfig:
     """Read a wind-tunnel YAML file (see ``configs/wind-tunnel.yaml``); ``overrides`` replace
     top-level keys (e.g. ``{"out_dir": ...}``). Errors name the file and the field."""
+    from cpmjax.train.config import read_yaml_config
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MissingPathError(f"family config {path} does not exist")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level")
+    data = read_yaml_config(path, "family config")
     data.update(overrides or {})
     try:
         return FamilyConfig(**data)

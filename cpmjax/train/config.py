@@ -305,7 +305,8 @@ def check_sequence_parallel(config: TrainConfig) -> None:
         raise ConfigError(problem)
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``dotted`` ``"a.b"``, creating sections on the way."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -326,14 +327,18 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from exc
 
 
-def load_config(path: str | os.PathLike | None = None,
-                overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from defaults) and apply dotted-key overrides."""
+def read_yaml_config(path: str | os.PathLike | None, what: str,
+                     overrides: dict[str, Any] | list[str] | None = None, *,
+                     section: str | None = None) -> dict[str, Any]:
+    """The mapping at the top of YAML file ``path`` (``{}`` for None; with ``section``, that
+    key's mapping when the file has it) with dotted ``key.sub=value`` overrides (a dict, or
+    ``"key.sub=value"`` strings) applied. ``what`` names the file in errors ("training
+    config", "fusion config", ...)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise MissingPathError(f"training config {path} does not exist")
+            raise MissingPathError(f"{what} {path} does not exist")
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
@@ -341,15 +346,26 @@ def load_config(path: str | os.PathLike | None = None,
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
+        if section is not None and section in data:
+            data = data[section]
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: {section!r} must hold a mapping")
     items = overrides or {}
     if isinstance(items, list):
         items = dict(parse_override(x) for x in items)
     for key, value in items.items():
-        _set_path(data, key, value)
+        set_dotted(data, key, value)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults) and apply dotted-key overrides."""
+    data = read_yaml_config(path, "training config", overrides)
     try:
         return TrainConfig(**data)
     except ValidationError as exc:
-        where = f" in {path}" if path else ""
+        where = f" in {os.fspath(path)}" if path else ""
         raise ConfigError(f"invalid training config{where}: {exc}") from exc
 
 
