@@ -145,8 +145,8 @@ def main(argv=None) -> int:
             f"{args.temperature}); a task succeeds when the answer states the expected value "
             "(the last number equal to it, or the expected text in it). `tools/*`: the tool "
             "model with tools (react, dfsdt) and with no tools in the prompt (direct); "
-            "`baseline/direct`: the same-size model trained without tool data (on fewer "
-            "tokens than the tool model: see docs/tools.md). The tool model's agents prompt "
+            "`baseline/direct`: the same-size model trained without tool data (its "
+            "training tokens: see docs/tools.md). The tool model's agents prompt "
             f"in the `{call_format}` format it was trained with.", "", "Targets:", "", *targets, "",
             "Success (tasks in parentheses):", "", table, "",
             "Calls the model emitted (an unparseable call block counts as one call; the first "
