@@ -378,6 +378,19 @@ def _allocate(active: np.ndarray, remaining: np.ndarray, batch_size: int,
     return [(int(i), int(k)) for i, k in zip(order, rows, strict=True) if k > 0]
 
 
+def _prepare(model: Any, tokenizer: Any, instances: Sequence[Any], check: Any,
+             max_new_tokens: int | None, stop: str | None
+             ) -> tuple[int, str | None, list, tuple, Any]:
+    """What both samplers need: ``(max_new_tokens, stop, prompt ids, stop ids, pad id)``, the
+    task's defaults filled in from ``check``."""
+    if not callable(check):
+        raise InputError(f"check must be callable, got {type(check).__name__}")
+    max_new_tokens, stop = _task_defaults(check, max_new_tokens, stop)
+    prompts = _encode_all(model, tokenizer, instances, max_new_tokens)
+    stops = stop_token_ids(tokenizer, model.config.vocab_size, stop)
+    return max_new_tokens, stop, prompts, stops, getattr(model.config, "pad_token_id", None)
+
+
 def _check_common(instances: Sequence[Any], batch_size: int) -> None:
     if instances is None or len(instances) == 0:
         raise InputError("no instances given (empty instance list)")
@@ -425,12 +438,8 @@ def pass_until(
         raise InputError(f"temperature must be > 0 for PassUntil sampling (greedy decoding "
                          f"gives one answer per prompt; use greedy_accuracy), got {temperature}")
     confidence = _check_confidence(confidence)
-    if not callable(check):
-        raise InputError(f"check must be callable, got {type(check).__name__}")
-    max_new_tokens, stop = _task_defaults(check, max_new_tokens, stop)
-    prompts = _encode_all(model, tokenizer, instances, max_new_tokens)
-    stops = stop_token_ids(tokenizer, model.config.vocab_size, stop)
-    pad_id = getattr(model.config, "pad_token_id", None)
+    max_new_tokens, stop, prompts, stops, pad_id = _prepare(model, tokenizer, instances,
+                                                            check, max_new_tokens, stop)
 
     count = len(instances)
     r, budget, batch_size = int(required_passes), int(max_samples), int(batch_size)
@@ -493,12 +502,8 @@ def greedy_accuracy(
     from cpmjax.generate import generate
 
     _check_common(instances, batch_size)
-    if not callable(check):
-        raise InputError(f"check must be callable, got {type(check).__name__}")
-    max_new_tokens, stop = _task_defaults(check, max_new_tokens, stop)
-    prompts = _encode_all(model, tokenizer, instances, max_new_tokens)
-    stops = stop_token_ids(tokenizer, model.config.vocab_size, stop)
-    pad_id = getattr(model.config, "pad_token_id", None)
+    max_new_tokens, stop, prompts, stops, pad_id = _prepare(model, tokenizer, instances,
+                                                            check, max_new_tokens, stop)
     batch_size = int(batch_size)
     correct = 0
     for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", disable=not progress):
