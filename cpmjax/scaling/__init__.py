@@ -32,6 +32,9 @@ _EXPORTS = {
     "FamilyConfig": "family", "load_family_config": "family", "train_family": "family",
     "family_runs": "family", "non_embedding_params": "family", "FamilyRun": "family",
     "FamilyBranch": "family", "lr_sweep": "family", "lr_sweep_results": "family",
+    # recipes.py: recipe variants of a family size (Densing-Law comparisons)
+    "train_variant": "recipes", "variant_config": "recipes", "variant_runs": "recipes",
+    "RECIPE_VARIANTS": "recipes",
     # densing.py: the Densing Law
     "conditional_loss": "densing", "fit_loss_law": "densing", "LossLaw": "densing",
     "fit_score_law": "densing", "ScoreLaw": "densing", "effective_params": "densing",
