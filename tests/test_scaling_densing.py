@@ -18,6 +18,7 @@ from cpmjax.scaling import (
     DensityTrend,
     LossLaw,
     ScoreLaw,
+    densing,
     density,
     effective_params,
     fit_density_trend,
@@ -129,6 +130,93 @@ def test_score_law_bounded_to_the_score_range():
         fit_score_law([1, 2, 3, 4], [1.5, 0.5, 0.2, 0.1], score_range=(0, 1))
     with pytest.raises(FitError, match="need finite low < high"):
         fit_score_law([1, 2, 3, 4], [0.9, 0.5, 0.2, 0.1], score_range=(1, 0))
+
+
+def test_score_law_with_held_floor_and_ceiling():
+    """Holding the floor d and/or the ceiling c + d: tail-only scores determine the free
+    parameters (exactly from exact data, within 5% from noise), the law reports the held values
+    with standard error 0, round trips score -> N̂ -> score hold, and the bootstrap draws keep
+    the held values exactly."""
+    lower = dict(c=1.0, gamma=-3.0, l=2.0, d=0.0)       # scores 0.002 .. 0.3: lower tail
+    x_low = np.linspace(2.3, 4.0, 12)
+    upper = dict(c=0.8, gamma=-3.0, l=2.0, d=0.1)       # scores 0.6 .. 0.9: upper tail
+    x_up = np.linspace(0.3, 1.6, 12)
+    cases = [(x_low, lower, dict(floor=0.0, ceiling=1.0)), (x_low, lower, dict(floor=0.0)),
+             (x_low, lower, dict(ceiling=1.0)), (x_up, upper, dict(ceiling=0.9)),
+             (x_up, upper, dict(floor=0.1, ceiling=0.9))]
+    for x, truth, hold in cases:
+        fit = fit_score_law(x, _score(x, **truth), score_range=(0.0, 1.0), **hold)
+        _close(fit, dict(c=truth["c"], gamma=truth["gamma"], l=truth["l"]), 1e-6)
+        assert abs(fit.d - truth["d"]) < 1e-6
+        assert fit.held == hold and fit.to_dict()["held"] == hold
+        if "floor" in hold:
+            assert fit.d == hold["floor"] and fit.stderr["d"] == 0.0
+        if "ceiling" in hold:
+            assert fit.c + fit.d == pytest.approx(hold["ceiling"], abs=1e-15)
+            assert fit.stderr["ceiling"] == 0.0
+    # noisy scores, both asymptotes held (tail only) / the floor held (across the middle)
+    rng = np.random.default_rng(12)
+    noisy = fit_score_law(x_low, _score(x_low, **lower) * np.exp(
+        0.02 * rng.standard_normal(x_low.shape)), score_range=(0.0, 1.0), floor=0.0, ceiling=1.0)
+    _close(noisy, dict(gamma=-3.0, l=2.0), 0.05)
+    assert noisy.stderr["c"] == noisy.stderr["d"] == 0.0 and noisy.stderr["gamma"] > 0
+    x = np.linspace(0.8, 3.5, 30)
+    noisy = fit_score_law(x, _score(x, **SCORE_TRUTH) + 0.005 * rng.standard_normal(x.shape),
+                          floor=SCORE_TRUTH["d"])
+    _close(noisy, SCORE_TRUTH, 0.05)
+    # without score_range too, and the unbounded fit of the same data agrees
+    free = fit_score_law(x, _score(x, **SCORE_TRUTH), ceiling=0.95)
+    _close(free, SCORE_TRUTH, 1e-6)
+    # round trip with held parameters; draws keep them
+    n, d = _grid()
+    loss = _loss(n, d, **LOSS_TRUTH)
+    loss_law = fit_loss_law(n, d, loss * np.exp(0.01 * rng.standard_normal(n.shape)))
+    for hold in (dict(floor=0.05), dict(ceiling=0.95), dict(floor=0.05, ceiling=0.95)):
+        score = _score(loss, **SCORE_TRUTH) + 0.01 * rng.standard_normal(n.shape)
+        law = fit_score_law(loss, score, score_range=(0.0, 1.0), **hold)
+        lo, hi = law.reachable
+        for s in np.linspace(lo + 0.05 * (hi - lo), hi - 0.3 * (hi - lo), 5):
+            n_hat = effective_params(s, loss_law, law, 3e10)
+            assert abs(law.predict(loss_law.predict(n_hat, 3e10)) - s) < 1e-6
+        est = density(float(np.median(score)), 1e7, loss_law, law, 3e10, samples=300)
+        assert est.density_interval is not None
+        draws = densing._hold(densing._draw(densing._theta_score(law), law.covariance, 300,
+                                            np.random.default_rng(0)), law.held)
+        if "floor" in hold:
+            assert np.all(draws[:, 3] == hold["floor"])
+        if "ceiling" in hold:
+            assert np.allclose(np.exp(draws[:, 0]) + draws[:, 3], hold["ceiling"], atol=1e-12,
+                               rtol=0)
+        assert np.std(draws[:, 1]) > 0  # γ is still drawn
+
+
+def test_score_law_held_values_errors():
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0], [0.9, 0.7, 0.4, 0.2, 0.1]
+    with pytest.raises(FitError, match="floor=0.5 is not below ceiling=0.5"):
+        fit_score_law(x, y, floor=0.5, ceiling=0.5)
+    with pytest.raises(FitError, match="floor=0.9 is not below ceiling=0.2"):
+        fit_score_law(x, y, floor=0.9, ceiling=0.2)
+    with pytest.raises(FitError, match=r"ceiling=1.5 lies outside score_range"):
+        fit_score_law(x, y, score_range=(0, 1), ceiling=1.5)
+    with pytest.raises(FitError, match=r"floor=-0.1 lies outside score_range"):
+        fit_score_law(x, y, score_range=(0, 1), floor=-0.1)
+    with pytest.raises(FitError, match="floor=nan is not finite"):
+        fit_score_law(x, y, floor=float("nan"))
+    with pytest.raises(FitError, match="every score is at or below the held floor 0.95"):
+        fit_score_law(x, y, floor=0.95)
+    with pytest.raises(FitError, match="every score is at or above the held ceiling 0.05"):
+        fit_score_law(x, y, ceiling=0.05)
+    # 2 scores above the floor for 3 free parameters
+    with pytest.raises(FitError, match="2 score.s. lie strictly above the held floor 0.3, "
+                                       "fewer than the 3 free parameters"):
+        fit_score_law(x, [0.9, 0.7, 0.3, 0.3, 0.3], floor=0.3)
+    with pytest.raises(FitError, match="1 score.s. lie strictly between"):
+        fit_score_law(x, [1.0, 1.0, 0.5, 0.0, 0.0], floor=0.0, ceiling=1.0)
+    # fewer points than free parameters: 2 points fit (γ, l) with both held, not 1 more
+    fit = fit_score_law([1.0, 2.0], [0.8, 0.3], floor=0.0, ceiling=1.0)
+    assert fit.predict(1.0) == pytest.approx(0.8) and fit.predict(2.0) == pytest.approx(0.3)
+    with pytest.raises(FitError, match="2 points for a law of 3 parameters"):
+        fit_score_law([1.0, 2.0], [0.8, 0.3], floor=0.0)
 
 
 def test_round_trip_score_to_params_to_score():
@@ -408,6 +496,42 @@ def test_conditional_loss_text_and_errors(tiny_llama, tmp_path):
         conditional_loss(model, None, [([1] * 70, [3])])
     with pytest.raises(InputError, match="examples is empty"):
         conditional_loss(model, None, [])
+
+
+def test_nonzero_params_of_pruned_and_quantized_models(tiny_llama):
+    """Nonzero non-embedding weights: a float model with known zeros, a pruned one (its zeros
+    from the masks) and an int8-quantized one (its logical weights: nonzero exactly where the
+    integer is, per-channel scales being positive)."""
+    from flax import nnx
+
+    from cpmjax.compress import QuantizedLinear, masks, prune, quantize
+    from cpmjax.scaling.densing import nonzero_params
+    from cpmjax.scaling.family import non_embedding_params
+
+    model = nnx.clone(tiny_llama[1])
+    full = non_embedding_params(model)
+    assert nonzero_params(model) == full  # random weights: no exact zeros
+    layer = model.model.layers[0]
+    kernel = np.asarray(layer.self_attn.q_proj.kernel[...]).copy()
+    kernel[:3, :5] = 0.0  # 15 known zeros
+    layer.self_attn.q_proj.kernel.set_value(kernel)
+    model.model.embed_tokens.embedding.set_value(model.model.embed_tokens.embedding[...] * 0)
+    assert nonzero_params(model) == full - 15  # the embedding's zeros do not count
+    pruned = nnx.clone(tiny_llama[1])
+    prune(pruned, 0.5)
+    zeros = sum(int(np.sum(~np.asarray(mask))) for mask in masks(pruned).values())
+    assert zeros > 0 and nonzero_params(pruned) == full - zeros
+    quantize(pruned, bits=8)
+    quantized = [m for _, m in nnx.iter_graph(pruned) if isinstance(m, QuantizedLinear)]
+    assert quantized
+    other = sum(int(np.count_nonzero(np.asarray(v[...])))
+                for path, v in nnx.to_flat_state(nnx.state(pruned, nnx.Param))
+                if "embed_tokens" not in map(str, path) and "lm_head" not in map(str, path))
+    want = other + sum(int(np.count_nonzero(np.asarray(m.kernel[...]))) for m in quantized)
+    assert nonzero_params(pruned) == want
+    assert full - zeros - 0.05 * full <= want <= full - zeros  # few weights round to 0
+    with pytest.raises(InputError, match="dict is not a model"):
+        nonzero_params({})
 
 
 # --- the command line -----------------------------------------------------------------------

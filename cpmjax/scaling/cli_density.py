@@ -2,7 +2,7 @@
 
     cpmjax scaling density --family RUNS --model DIR [--model DIR ...] --task NAME
         [--instances FILE] [--loss task|eval] [--tokens D] [--limit N] [--out FILE.json]
-        [--figures DIR] [--cache FILE] [--bound]
+        [--figures DIR] [--cache FILE] [--bound] [--score-floor X] [--score-ceiling Y]
     cpmjax scaling density-trend --csv FILE [--breakpoint DATE] [--figure OUT.png]
         [--out FILE.json]
 
@@ -59,6 +59,11 @@ def add_commands(subparsers: Any) -> None:
                    metavar=("LOW", "HIGH"),
                    help="the range the score cannot leave; the sigmoid is bounded to it "
                         "(default 0 1: accuracies and pass rates)")
+    p.add_argument("--score-floor", type=float, default=None, metavar="X",
+                   help="hold the sigmoid's floor d at X instead of fitting it (e.g. 0 for an "
+                        "accuracy that starts at 0)")
+    p.add_argument("--score-ceiling", type=float, default=None, metavar="Y",
+                   help="hold the sigmoid's ceiling c + d at Y instead of fitting it (e.g. 1)")
     p.add_argument("--tokens", type=float, default=None,
                    help="training tokens D of the reference at which N̂ is read "
                         "(default: the family's largest branch budget)")
@@ -235,6 +240,7 @@ def run_density(args: Any) -> int:
         raise InputError(f"--limit {args.limit}: must be positive")
     if args.tokens is not None and not args.tokens > 0:
         raise InputError(f"--tokens {args.tokens}: must be positive")
+    _check_held_scores(args)
     runs = family_runs(args.family)
     points = family_points(runs, args.loss)
     if not points:
@@ -262,7 +268,8 @@ def run_density(args: Any) -> int:
     loss_law = fit_loss_law([p["n_params"] for p in points], [p["tokens"] for p in points],
                             [p["loss"] for p in points])
     score_law = fit_score_law([p["loss"] for p in points], [p["score"] for p in points],
-                              score_range=tuple(args.score_range))
+                              score_range=tuple(args.score_range), floor=args.score_floor,
+                              ceiling=args.score_ceiling)
     holdout = _holdout_largest(points)
     tokens = float(args.tokens or max(p["tokens"] for p in points))
     print(f"loss law: L = {loss_law.a:.4g}·N^-{loss_law.alpha:.4g} + {loss_law.b:.4g}·D^-"
@@ -275,7 +282,8 @@ def run_density(args: Any) -> int:
               f"{100 * holdout['max_relative_error']:.2f}% (N = {holdout['n_params']:.4g}, "
               f"{holdout['points']} points)")
     print(f"score law: S = {score_law.c:.4g} / (1 + exp(-({score_law.gamma:.4g})(L - "
-          f"{score_law.l:.4g}))) + {score_law.d:.4g} (R² {score_law.r2:.4f})")
+          f"{score_law.l:.4g}))) + {score_law.d:.4g} (R² {score_law.r2:.4f}"
+          + "".join(f", {k} held at {v:g}" for k, v in score_law.held.items()) + ")")
 
     models = []
     for name, directory in zip(names, args.model, strict=True):
@@ -330,6 +338,19 @@ def run_density(args: Any) -> int:
             os.path.join(args.figures, "density.png"))
         print(f"wrote figures to {args.figures}", file=sys.stderr)
     return 0
+
+
+def _check_held_scores(args: Any) -> None:
+    """``--score-floor`` / ``--score-ceiling`` against each other and ``--score-range``,
+    before any checkpoint is evaluated."""
+    low, high = args.score_range
+    held = {"--score-floor": args.score_floor, "--score-ceiling": args.score_ceiling}
+    for flag, value in held.items():
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise FitError(f"{flag} {value:g} lies outside --score-range {low:g} {high:g}")
+    if None not in held.values() and not args.score_floor < args.score_ceiling:
+        raise FitError(f"--score-floor {args.score_floor:g} is not below --score-ceiling "
+                       f"{args.score_ceiling:g}")
 
 
 def _fit_warnings(loss_law: Any, score_law: Any, *, min_r2: float = 0.9) -> list[str]:

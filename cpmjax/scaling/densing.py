@@ -57,6 +57,7 @@ __all__ = [
     "fit_density_trend",
     "fit_loss_law",
     "fit_score_law",
+    "nonzero_params",
 ]
 
 
@@ -176,6 +177,47 @@ def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
         total += float(loss_sum)
         count += float(tokens)
     return total / count
+
+
+# --------------------------------------------------------------------------------------------
+# the measured model's size
+
+
+def _is_embedding(path: Sequence[Any]) -> bool:
+    names = [str(p) for p in path]
+    return "embed_tokens" in names or "lm_head" in names
+
+
+def nonzero_params(model: Any) -> int:
+    """Nonzero non-embedding weights of ``model``: the ``N`` of a pruned or quantized model.
+
+    The rule: every ``nnx.Param`` leaf outside the token embedding and the LM head (the leaves
+    ``cpmjax.scaling.non_embedding_params`` counts) contributes its nonzero entries; every
+    quantized linear layer (``cpmjax.compress.QuantizedLinear``, whose integer kernel and scales
+    are not parameters) contributes the nonzero entries of its logical ``[in, out]`` weight,
+    ``dequantized()`` with its pruning mask (if any) applied: a weight that quantization
+    rounded to 0 counts as 0, the scales do not count. So an unpruned float model gives
+    ``non_embedding_params(model)`` (unless a weight is exactly 0), a pruned one that count
+    less its zeros."""
+    from flax import nnx
+
+    from cpmjax.compress import QuantizedLinear
+
+    if not isinstance(model, nnx.Module):
+        raise InputError(f"nonzero_params: {type(model).__name__} is not a model (an "
+                         "nnx.Module such as cpmjax.models.CausalLM)")
+    total = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if not _is_embedding(path):
+            total += int(np.count_nonzero(np.asarray(var[...])))
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, QuantizedLinear) and not _is_embedding(path):
+            weight = np.asarray(node.dequantized())
+            mask = getattr(node, "prune_mask", None)
+            if mask is not None:
+                weight = np.where(np.asarray(mask[...]), weight, 0.0)
+            total += int(np.count_nonzero(weight))
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +414,11 @@ def fit_loss_law(n_params: Sequence[float], n_tokens: Sequence[float], loss: Seq
 class ScoreLaw:
     """``S(L) = c / (1 + exp(-γ (L - l))) + d`` with ``c > 0``: ``d`` is one asymptote and
     ``d + c`` the other (``γ < 0`` when the score falls as the loss grows, the usual case).
-    ``covariance`` is over ``(log c, γ, l, d)``; ``stderr`` over ``c, gamma, l, d``."""
+    ``covariance`` is over ``(log c, γ, l, d)``; ``stderr`` over ``c, gamma, l, d``.
+    ``held``: the asymptotes the fit held at given values instead of fitting them (``"floor"``:
+    ``d``, ``"ceiling"``: ``c + d``; empty when both were fitted); a held value has standard
+    error 0 (``stderr["d"]`` for the floor, ``stderr["ceiling"]`` for the ceiling) and draws of
+    the parameters (:func:`density`) keep it exactly."""
 
     c: float
     gamma: float
@@ -382,6 +428,7 @@ class ScoreLaw:
     covariance: np.ndarray
     stderr: dict[str, float]
     n_points: int
+    held: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def predict(self, loss: Any) -> Any:
         """The law's score at ``loss`` (scalar or array)."""
@@ -408,6 +455,7 @@ class ScoreLaw:
     def to_dict(self) -> dict[str, Any]:
         return {"c": self.c, "gamma": self.gamma, "l": self.l, "d": self.d, "r2": self.r2,
                 "stderr": dict(self.stderr), "n_points": self.n_points,
+                "held": dict(self.held),
                 "covariance_log_c_gamma_l_d": self.covariance.tolist()}
 
 
@@ -522,8 +570,155 @@ def _fit_score_bounded(x: np.ndarray, y: np.ndarray, low: float, top: float,
     return theta, cov, best
 
 
+class _HeldSigmoid:
+    """The sigmoid with the floor ``d`` and/or the ceiling ``c + d`` held at given values, over
+    its free parameters ``p``:
+
+    - both held: ``p = (γ, l)``, ``c = ceiling - floor``, ``d = floor``;
+    - floor held: ``p = (q, γ, l)`` with ``c = (high - floor)·q``, ``0 < q <= 1`` when a score
+      range bounds it, else ``p = (log c, γ, l)``;
+    - ceiling held: ``p = (d, γ, l)`` with ``c = ceiling - d``, ``low <= d < ceiling``.
+
+    ``natural(p)`` gives ``(log c, γ, l, d)`` and ``to_natural(p)`` its Jacobian ``[4, k]``, so the
+    residuals' Jacobian and the covariance come from the unconstrained ones by the chain rule."""
+
+    def __init__(self, floor: float | None, ceiling: float | None,
+                 score_range: tuple[float, float] | None):
+        self.floor, self.ceiling = floor, ceiling
+        self.low, self.top = score_range if score_range is not None else (None, None)
+        if floor is not None and ceiling is not None:
+            self.lower, self.upper = [-np.inf, -np.inf], [np.inf, np.inf]
+            self.scale = [1.0, 1.0]
+        elif floor is not None:
+            if self.top is not None:
+                self.lower, self.upper = [1e-12, -np.inf, -np.inf], [1.0, np.inf, np.inf]
+            else:
+                self.lower, self.upper = [-np.inf] * 3, [np.inf] * 3
+            self.scale = [1.0, 1.0, 1.0]
+        else:
+            room = 1e-12 * max(1.0, abs(ceiling))
+            low = -np.inf if self.low is None else self.low
+            self.lower, self.upper = [low, -np.inf, -np.inf], [ceiling - room, np.inf, np.inf]
+            self.scale = [max(1.0, abs(ceiling)), 1.0, 1.0]
+
+    def natural(self, p: np.ndarray) -> np.ndarray:
+        if self.floor is not None and self.ceiling is not None:
+            return np.array([math.log(self.ceiling - self.floor), p[0], p[1], self.floor])
+        if self.floor is not None:
+            log_c = math.log((self.top - self.floor) * p[0]) if self.top is not None else p[0]
+            return np.array([log_c, p[1], p[2], self.floor])
+        return np.array([math.log(self.ceiling - p[0]), p[1], p[2], p[0]])
+
+    def to_natural(self, p: np.ndarray) -> np.ndarray:
+        jac = np.zeros((4, len(p)))
+        if self.floor is not None and self.ceiling is not None:
+            jac[1, 0] = jac[2, 1] = 1.0
+        elif self.floor is not None:
+            jac[0, 0] = 1.0 / p[0] if self.top is not None else 1.0
+            jac[1, 1] = jac[2, 2] = 1.0
+        else:
+            jac[0, 0] = -1.0 / (self.ceiling - p[0])
+            jac[3, 0] = jac[1, 1] = jac[2, 2] = 1.0
+        return jac
+
+    def residuals(self, p, x, y):
+        return _score_model(self.natural(p), x) - y
+
+    def jacobian(self, p, x, y):
+        return _score_jacobian(self.natural(p), x, y) @ self.to_natural(p)
+
+    def starts(self, x: np.ndarray, y: np.ndarray, slope_starts: Sequence[float],
+               midpoint_starts: Sequence[float]) -> list[np.ndarray]:
+        span = float(np.ptp(x))
+        if self.floor is not None and self.ceiling is None:
+            amplitude = max(float(np.max(y)) - self.floor, 1e-6 * float(np.ptp(y)))
+            firsts = ([min(max(amplitude / (self.top - self.floor), 1e-6), 1.0), 1.0]
+                      if self.top is not None else [math.log(amplitude)])
+        elif self.ceiling is not None and self.floor is None:
+            firsts = [float(np.clip(np.min(y), self.lower[0], self.upper[0]))]
+        else:
+            firsts = [None]
+        out = []
+        for first in firsts:
+            for mid in midpoint_starts:
+                l0 = float(np.quantile(x, mid))
+                for k in slope_starts:
+                    for sign in _slope_signs(x, y):
+                        rest = [sign * k / span, l0]
+                        out.append(np.clip(rest if first is None else [first, *rest],
+                                           self.lower, self.upper))
+        return out
+
+
+def _fit_score_held(x: np.ndarray, y: np.ndarray, floor: float | None, ceiling: float | None,
+                    score_range: tuple[float, float] | None, slope_starts: Sequence[float],
+                    midpoint_starts: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The sigmoid with held asymptotes (:class:`_HeldSigmoid`), fitted by scipy's bounded
+    trust-region solver from every start; returns ``(log c, γ, l, d)`` and its covariance (held
+    parameters, and free ones that end on a bound, contribute nothing)."""
+    from scipy.optimize import least_squares
+
+    law = _HeldSigmoid(floor, ceiling, score_range)
+    best = None
+    for p0 in law.starts(x, y, slope_starts, midpoint_starts):
+        res = least_squares(law.residuals, p0, jac=law.jacobian, args=(x, y),
+                            bounds=(law.lower, law.upper), method="trf", xtol=1e-14,
+                            ftol=1e-14, gtol=1e-14, max_nfev=500)
+        if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
+            best = res
+    if best is None:
+        raise FitError("the score-law fit found no finite solution")
+    p = best.x
+    tol = 1e-9 * np.asarray(law.scale)
+    active = (p <= np.asarray(law.lower) + tol) | (p >= np.asarray(law.upper) - tol)
+    free = ~active
+    cov_p = np.zeros((len(p), len(p)))
+    cov_p[np.ix_(free, free)] = _covariance(law.jacobian(p, x, y)[:, free], best.fun)
+    if not np.all(np.isfinite(cov_p)):
+        return law.natural(p), np.full((4, 4), np.inf)
+    to_natural = law.to_natural(p)
+    return law.natural(p), to_natural @ cov_p @ to_natural.T
+
+
+def _check_held(floor: float | None, ceiling: float | None,
+                score_range: tuple[float, float] | None, y: np.ndarray) -> int:
+    """Typed errors for held asymptotes that cannot be fitted; returns how many are held."""
+    held = {"floor": floor, "ceiling": ceiling}
+    for name, value in held.items():
+        if value is not None and not math.isfinite(value):
+            raise FitError(f"{name}={value!r} is not finite")
+        if value is not None and score_range is not None:
+            low, top = score_range
+            if not low <= value <= top:
+                raise FitError(f"{name}={value!r} lies outside score_range {score_range!r}")
+    if floor is not None and ceiling is not None and not floor < ceiling:
+        raise FitError(f"floor={floor!r} is not below ceiling={ceiling!r}")
+    lo = -math.inf if floor is None else floor
+    hi = math.inf if ceiling is None else ceiling
+    inside = int(np.sum((y > lo) & (y < hi)))
+    if floor is not None and np.all(y <= floor):
+        raise FitError(f"every score is at or below the held floor {floor!r}: the sigmoid "
+                       "lies above its floor, so the scores contradict it")
+    if ceiling is not None and np.all(y >= ceiling):
+        raise FitError(f"every score is at or above the held ceiling {ceiling!r}: the sigmoid "
+                       "lies below its ceiling, so the scores contradict it")
+    n_held = sum(v is not None for v in held.values())
+    free = 4 - n_held
+    if inside < free:
+        if n_held == 2:
+            where = f"strictly between the held floor {floor!r} and ceiling {ceiling!r}"
+        elif floor is not None:
+            where = f"strictly above the held floor {floor!r}"
+        else:
+            where = f"strictly below the held ceiling {ceiling!r}"
+        raise FitError(f"{inside} score(s) lie {where}, fewer than the {free} free parameters "
+                       "of the sigmoid: the scores on an asymptote do not determine it")
+    return n_held
+
+
 def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
                   score_range: tuple[float, float] | None = None,
+                  floor: float | None = None, ceiling: float | None = None,
                   slope_starts: Sequence[float] = (2.0, 5.0, 10.0, 20.0),
                   midpoint_starts: Sequence[float] = (0.2, 0.35, 0.5, 0.65, 0.8)) -> ScoreLaw:
     """Fit ``S = c / (1 + exp(-γ (L - l))) + d`` to a family's ``(loss, score)`` pairs.
@@ -533,18 +728,30 @@ def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
     ``l`` at each quantile in ``midpoint_starts`` of the losses, ``γ = ±k / (loss range)`` for
     ``k`` in ``slope_starts`` (the sign of the loss-score correlation, both when it is below
     0.2); each is refined (at most 500 evaluations) and the lowest cost wins. Needs at
-    least 4 points and 2 distinct losses and scores.
+    least as many points as free parameters (4, less one per held asymptote) and 2 distinct
+    losses and scores.
 
     ``score_range=(low, high)``: the scores cannot leave it (``(0, 1)`` for accuracies and pass
     rates), so the sigmoid is bounded to it: ``d >= low`` and ``c + d <= high``. Scores that
     only show the sigmoid's tail (a family of small models) then still determine ``γ`` and ``l``
     (unbounded, such a fit runs off to an exponential with an arbitrary ``c``). Parameters that
-    end on a bound are held fixed in the covariance."""
+    end on a bound are held fixed in the covariance.
+
+    ``floor`` / ``ceiling``: hold the lower asymptote ``d`` and/or the upper one ``c + d`` at a
+    given value instead of fitting it (``floor=0.0`` for an accuracy that starts at 0,
+    ``ceiling=1.0`` for one that can reach 1): a family whose scores show one tail only then
+    determines ``γ`` and ``l`` (and the free asymptote). The law records them in ``held``, with
+    standard error 0. :class:`FitError` when ``floor >= ceiling``, when a held value lies outside
+    ``score_range``, when every score lies at or beyond a held asymptote, or when fewer scores
+    lie strictly between the asymptotes than there are free parameters."""
     from scipy.optimize import least_squares
 
     x = _as_finite_array(loss, "loss")
     y = _as_finite_array(score, "score")
-    count = _check_lengths(4, loss=x, score=y)
+    floor = None if floor is None else float(floor)
+    ceiling = None if ceiling is None else float(ceiling)
+    n_held = (floor is not None) + (ceiling is not None)
+    count = _check_lengths(4 - n_held, loss=x, score=y)
     if np.ptp(x) == 0:
         raise FitError("loss has one distinct value: a sigmoid of the loss needs at least 2")
     if np.ptp(y) == 0:
@@ -557,7 +764,13 @@ def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
         if len(outside):
             i = int(outside[0])
             raise FitError(f"score[{i}] = {y[i]} lies outside score_range {score_range!r}")
-        theta, cov, best = _fit_score_bounded(x, y, low, top, slope_starts, midpoint_starts)
+        score_range = (low, top)
+    if n_held:
+        _check_held(floor, ceiling, score_range, y)
+        theta, cov = _fit_score_held(x, y, floor, ceiling, score_range, slope_starts,
+                                     midpoint_starts)
+    elif score_range is not None:
+        theta, cov, _ = _fit_score_bounded(x, y, *score_range, slope_starts, midpoint_starts)
     else:
         span = float(np.ptp(x))
         c0, d0 = float(np.ptp(y)), float(np.min(y))
@@ -578,11 +791,20 @@ def fit_score_law(loss: Sequence[float], score: Sequence[float], *,
         cov = _covariance(_score_jacobian(theta, x, y), best.fun)
     se = np.sqrt(np.diag(cov))
     c = math.exp(theta[0])
+    stderr = {"c": float(c * se[0]), "gamma": float(se[1]), "l": float(se[2]),
+              "d": float(se[3])}
+    held = {}
+    if floor is not None:
+        held["floor"] = floor
+        stderr["d"] = 0.0
+    if ceiling is not None:
+        held["ceiling"] = ceiling
+        stderr["ceiling"] = 0.0
+        if floor is not None:
+            stderr["c"] = 0.0
     return ScoreLaw(c=c, gamma=float(theta[1]), l=float(theta[2]), d=float(theta[3]),
-                    r2=_r2(y, _score_model(theta, x)), covariance=cov,
-                    stderr={"c": float(c * se[0]), "gamma": float(se[1]), "l": float(se[2]),
-                            "d": float(se[3])},
-                    n_points=count)
+                    r2=_r2(y, _score_model(theta, x)), covariance=cov, stderr=stderr,
+                    n_points=count, held=held)
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,6 +886,20 @@ def _draw(mean: np.ndarray, cov: np.ndarray, samples: int, rng: np.random.Genera
     return mean + rng.standard_normal((samples, len(mean))) @ root.T
 
 
+def _hold(score_draws: np.ndarray, held: dict[str, float]) -> np.ndarray:
+    """Draws ``(log c, γ, l, d)`` with the held asymptotes put back exactly: ``d = floor``,
+    ``log c = log(ceiling - d)`` (a drawn ``d`` at or above the ceiling is moved just below
+    it)."""
+    if "floor" in held:
+        score_draws[:, 3] = held["floor"]
+    if "ceiling" in held:
+        top = held["ceiling"]
+        room = 1e-12 * max(1.0, abs(top))
+        score_draws[:, 3] = np.minimum(score_draws[:, 3], top - room)
+        score_draws[:, 0] = np.log(top - score_draws[:, 3])
+    return score_draws
+
+
 def density(score: float, n_params: float, loss_law: LossLaw, score_law: ScoreLaw,
             n_tokens: float, *, score_stderr: float = 0.0, level: float = 0.95,
             samples: int = 4000, seed: int = 0, bound: bool = False) -> DensityEstimate:
@@ -691,7 +927,8 @@ def density(score: float, n_params: float, loss_law: LossLaw, score_law: ScoreLa
     if _finite_covariance(loss_law.covariance) and _finite_covariance(score_law.covariance):
         rng = np.random.default_rng(seed)
         loss_draws = _draw(_theta_loss(loss_law), loss_law.covariance, samples, rng)
-        score_draws = _draw(_theta_score(score_law), score_law.covariance, samples, rng)
+        score_draws = _hold(_draw(_theta_score(score_law), score_law.covariance, samples, rng),
+                            score_law.held)
         scores = score + score_stderr * rng.standard_normal(samples)
         loss_draws[:, 1] = np.maximum(loss_draws[:, 1], 1e-9)  # α > 0 in every draw
         draws = _effective_params_vec(scores, loss_draws, score_draws, n_tokens)
