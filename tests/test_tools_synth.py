@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cpmjax.errors import ConfigError
-from cpmjax.tools import ToolCall, ToolRegistry, evaluate, parse_reply, parse_tool_calls
+from cpmjax.tools import ToolCall, ToolRegistry, evaluate, parse_reply, parse_tool_calls, synth
 from cpmjax.tools.dfsdt import GIVE_UP
 from cpmjax.tools.experiment import (
     TaskRecord,
@@ -26,7 +26,6 @@ from cpmjax.tools.synth import (
     make_transcripts,
     task_registry,
 )
-from cpmjax.tools import synth
 from cpmjax.tools.training import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,

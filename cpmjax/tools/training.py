@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cpmjax.errors import ConfigError, MissingPathError
@@ -85,33 +84,14 @@ class ToolModelConfig(BaseModel):
     tools: ToolDataConfig
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        tree = tree.setdefault(key, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-    tree[keys[-1]] = value
-
-
 def load_tool_config(path: str | os.PathLike | None = None,
                      overrides: Sequence[str] = ()) -> ToolModelConfig:
     """Read a tool-model YAML config and apply ``key.sub=value`` overrides (``tools.*`` for
     the data section, anything else for the training config)."""
     from cpmjax.train import TrainConfig
-    from cpmjax.train.config import parse_override
+    from cpmjax.train.config import read_yaml_config
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise MissingPathError(f"tool-model config {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level")
-    for item in overrides:
-        key, value = parse_override(item)
-        _set(data, key, value)
+    data = read_yaml_config(path, "tool-model config", list(overrides))
     tools = data.pop("tools", {}) or {}
     try:
         return ToolModelConfig(train=TrainConfig(**data), tools=ToolDataConfig(**tools))
@@ -258,8 +238,9 @@ def probe_rows(tokenizer: Any, tools: ToolDataConfig, seq_len: int, *, seed: int
     convert, lookup, lookup_arith in turn; no question of ``exclude``) rendered as the
     expert's ReAct transcript with no mistake, one per row, and ``call_mask`` marking the
     targets that are the first call's line (``name(arguments)``)."""
-    from cpmjax.tools.synth import make_tasks, make_transcript
     import random
+
+    from cpmjax.tools.synth import make_tasks, make_transcript
 
     tasks = make_tasks(seed, tools.probe_tasks,
                        ("arithmetic", "convert", "lookup", "lookup_arith"), exclude)
@@ -302,7 +283,7 @@ def first_call_probe(model: Any, rows: dict[str, np.ndarray], kinds: Sequence[st
         hits += list(right.all(axis=1) & mask.any(axis=1))
     out = {"first_call_exact": float(np.mean(hits))}
     for kind in sorted(set(kinds)):
-        out[kind] = float(np.mean([h for h, k in zip(hits, kinds) if k == kind]))
+        out[kind] = float(np.mean([h for h, k in zip(hits, kinds, strict=True) if k == kind]))
     return out
 
 
