@@ -5,6 +5,7 @@ equals a direct log-softmax and HF transformers; both CLI commands on a fabricat
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import math
@@ -496,6 +497,79 @@ def test_conditional_loss_text_and_errors(tiny_llama, tmp_path):
         conditional_loss(model, None, [([1] * 70, [3])])
     with pytest.raises(InputError, match="examples is empty"):
         conditional_loss(model, None, [])
+
+
+@pytest.fixture(scope="module")
+def bpe_and_model(tmp_path_factory):
+    """A byte-level BPE trained on a few repeated phrases ("hello" and " world" are single
+    tokens, "wor" and "ld" too) and a tiny random MiniCPM over its vocabulary."""
+    from helpers import write_random_minicpm
+
+    from cpmjax.train import train_bpe
+
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "text.txt").write_text("hello world\n" * 50 + "return value\n" * 30)
+    tok = train_bpe([str(root / "text.txt")], root / "tok", vocab_size=280)
+    model = write_random_minicpm(root / "model", seed=3, vocab_size=len(tok))
+    return tok, model
+
+
+def test_conditional_loss_joint_tokenization(bpe_and_model):
+    """``joint=True`` encodes prompt + answer as one text: where BPE merges across the
+    boundary ("hello wor" + "ld" -> "hello", " world") the straddling token is an answer token.
+    References: the token splits written out by hand, scored by a full-logits log-softmax."""
+    from tokenizers import processors
+
+    from cpmjax.scaling import conditional_loss
+
+    tok, model = bpe_and_model
+
+    def ids(*tokens):
+        out = tok.convert_tokens_to_ids(list(tokens))
+        assert tok.unk_token_id not in out
+        return out
+
+    text = [("hello wor", "ld"), ("hello ", "world"), ("hello", " world"),
+            ("return", " value")]
+    joint = [(ids("<s>", "hello"), ids("Ġworld")), (ids("<s>", "hello"), ids("Ġworld")),
+             (ids("<s>", "hello"), ids("Ġworld")),
+             (ids("<s>", "return"), ids("Ġvalue"))]
+    apart = [(ids("<s>", "hello", "Ġwor"), ids("ld")), (ids("<s>", "hello", "Ġ"),
+                                                       ids("wor", "ld")),
+             (ids("<s>", "hello"), ids("Ġworld")),
+             (ids("<s>", "return"), ids("Ġvalue"))]
+    got_joint = conditional_loss(model, tok, text, batch_size=4, chunk=3, bucket=8, joint=True)
+    got_apart = conditional_loss(model, tok, text, batch_size=4, chunk=3, bucket=8)
+    assert got_joint == pytest.approx(_direct_conditional_loss(model, joint), rel=2e-5)
+    assert got_apart == pytest.approx(_direct_conditional_loss(model, apart), rel=2e-5)
+    assert abs(got_joint - got_apart) > 1e-3
+    # the clean boundary alone: both tokenizations agree
+    clean = text[2:]
+    assert conditional_loss(model, tok, clean, joint=True) == pytest.approx(
+        conditional_loss(model, tok, clean), rel=1e-6)
+    # an EOS the tokenizer appends after the text is not an answer token
+    eos_tok = copy.deepcopy(tok)
+    eos_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id),
+                                               ("</s>", tok.eos_token_id)])
+    assert eos_tok("hello")["input_ids"][-1] == tok.eos_token_id
+    assert conditional_loss(model, eos_tok, text, joint=True) == pytest.approx(
+        got_joint, rel=1e-6)
+    # typed errors: token ids, a tokenizer without offsets, a prompt merged into the answer
+    with pytest.raises(InputError, match=r"examples\[0\]: joint tokenization encodes text"):
+        conditional_loss(model, tok, [([1, 5], [7])], joint=True)
+
+    class NoOffsets:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1, 5, 7]}
+
+    with pytest.raises(InputError, match="joint tokenization needs the tokenizer's character "
+                                         "offsets"):
+        conditional_loss(model, NoOffsets(), text, joint=True)
+    bare = copy.deepcopy(tok)  # no BOS: "hel" + "lo world" -> "hello", " world", all answer
+    bare.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    with pytest.raises(EmptyPromptError, match=r"examples\[0\].prompt has no tokens"):
+        conditional_loss(model, bare, [("hel", "lo world")], joint=True)
 
 
 def test_nonzero_params_of_pruned_and_quantized_models(tiny_llama):

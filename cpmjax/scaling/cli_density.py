@@ -3,6 +3,7 @@
     cpmjax scaling density --family RUNS --model DIR [--model DIR ...] --task NAME
         [--instances FILE] [--loss task|eval] [--tokens D] [--limit N] [--out FILE.json]
         [--figures DIR] [--cache FILE] [--bound] [--score-floor X] [--score-ceiling Y]
+        [--params N|auto ...] [--count all|nonzero] [--joint-tokenization]
     cpmjax scaling density-trend --csv FILE [--breakpoint DATE] [--figure OUT.png]
         [--out FILE.json]
 
@@ -27,8 +28,8 @@ from typing import Any
 
 from cpmjax.errors import FitError, InputError, MissingPathError
 
-__all__ = ["add_commands", "family_points", "read_density_table", "run_density",
-           "run_density_trend"]
+__all__ = ["add_commands", "family_points", "parse_params", "read_density_table",
+           "run_density", "run_density_trend"]
 
 
 def add_commands(subparsers: Any) -> None:
@@ -39,6 +40,13 @@ def add_commands(subparsers: Any) -> None:
                    help="HF checkpoint directory of a model to measure (repeatable)")
     p.add_argument("--name", action="append", default=None,
                    help="a label per --model (default: the directory's name)")
+    p.add_argument("--params", action="append", default=None, metavar="N",
+                   help="the measured model's size N, one per --model in order (repeatable); "
+                        "'auto' = counted (see --count)")
+    p.add_argument("--count", choices=["all", "nonzero"], default="all",
+                   help="how an 'auto' N is counted: every non-embedding parameter (all) or "
+                        "only the nonzero non-embedding weights (nonzero: pruned models, "
+                        "quantized layers' logical weights)")
     p.add_argument("--task", required=True, help="task name (cpmjax.scaling.TASKS)")
     p.add_argument("--instances", default=None,
                    help="instance file or task directory (default: RUNS/tasks/TASK, test split)")
@@ -48,6 +56,10 @@ def add_commands(subparsers: Any) -> None:
                    help="the loss both laws use: the answers' conditional loss (task) or the "
                         "family's recorded held-out LM loss (eval; the measured models then "
                         "need no loss)")
+    p.add_argument("--joint-tokenization", action="store_true",
+                   help="--loss task: encode prompt + answer as one text and score the tokens "
+                        "whose character span ends after the prompt (needs a fast tokenizer's "
+                        "offsets) instead of encoding prompt and answer apart")
     p.add_argument("--score", choices=["greedy", "passuntil"], default="greedy",
                    help="the score: greedy accuracy, or PassUntil's mean pass-probability "
                         "estimate (finer for small models that rarely pass greedily)")
@@ -172,8 +184,10 @@ def _score(model: Any, tokenizer: Any, task: Any, instances: list[Any], args: An
 
 
 def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
-              cache: dict[str, Any], instances_key: str) -> dict[str, Any]:
-    """Non-embedding parameters, score (and its standard error) and, with ``--loss task``, the
+              cache: dict[str, Any], instances_key: str, count_nonzero: bool = False
+              ) -> dict[str, Any]:
+    """Non-embedding parameters (with ``count_nonzero``, the nonzero ones too:
+    ``nonzero_params``), score (and its standard error) and, with ``--loss task``, the
     conditional loss of the checkpoint in ``directory``. The cache holds the score under
     (directory, task, instances, score kind) and the loss under (directory, task, instances),
     so a rerun with another ``--loss`` or ``--score`` computes only what it lacks."""
@@ -181,10 +195,12 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
     score_kind = args.score if args.score == "greedy" else (
         f"passuntil:{args.required_passes}:{args.max_samples}:{args.seed}")
     base = f"{os.path.abspath(directory)}|{task.name}|{instances_key}"
-    score_key, loss_key = f"{base}|{score_kind}", f"{base}|conditional_loss"
-    if score_key not in cache or (need_loss and loss_key not in cache):
+    score_key = f"{base}|{score_kind}"
+    loss_key = f"{base}|conditional_loss" + ("|joint" if args.joint_tokenization else "")
+    need_nonzero = count_nonzero and "nonzero_params" not in cache.get(score_key, {})
+    if score_key not in cache or (need_loss and loss_key not in cache) or need_nonzero:
         from cpmjax.hf import from_pretrained
-        from cpmjax.scaling.densing import conditional_loss
+        from cpmjax.scaling.densing import conditional_loss, nonzero_params
         from cpmjax.scaling.family import non_embedding_params
         from cpmjax.tokenizer import load_tokenizer
 
@@ -197,9 +213,13 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
             cache[score_key] = {"n_params": int(non_embedding_params(model)), "score": score,
                                 "score_stderr": stderr, "instances": len(instances)}
             _write_cache(args.cache, cache)
+        if count_nonzero and "nonzero_params" not in cache[score_key]:
+            cache[score_key]["nonzero_params"] = int(nonzero_params(model))
+            _write_cache(args.cache, cache)
         if need_loss and loss_key not in cache:
-            cache[loss_key] = {"loss": float(conditional_loss(model, tokenizer, instances,
-                                                              batch_size=args.batch_size))}
+            cache[loss_key] = {"loss": float(conditional_loss(
+                model, tokenizer, instances, batch_size=args.batch_size,
+                joint=args.joint_tokenization))}
             _write_cache(args.cache, cache)
     record = dict(cache[score_key])
     if need_loss:
@@ -241,6 +261,7 @@ def run_density(args: Any) -> int:
     if args.tokens is not None and not args.tokens > 0:
         raise InputError(f"--tokens {args.tokens}: must be positive")
     _check_held_scores(args)
+    given_params = parse_params(args.params, len(args.model))
     runs = family_runs(args.family)
     points = family_points(runs, args.loss)
     if not points:
@@ -254,9 +275,9 @@ def run_density(args: Any) -> int:
     cache = _read_cache(args.cache)
     need_loss = args.loss == "task"
 
-    def evaluate(directory: str) -> dict[str, Any]:
+    def evaluate(directory: str, count_nonzero: bool = False) -> dict[str, Any]:
         return _evaluate(directory, task, instances, args, cache=cache,
-                         instances_key=instances_key)
+                         instances_key=instances_key, count_nonzero=count_nonzero)
 
     for point in points:
         record = evaluate(point["export_dir"])
@@ -286,14 +307,21 @@ def run_density(args: Any) -> int:
           + "".join(f", {k} held at {v:g}" for k, v in score_law.held.items()) + ")")
 
     models = []
-    for name, directory in zip(names, args.model, strict=True):
-        record = evaluate(directory)
-        score, n, stderr = record["score"], record["n_params"], record["score_stderr"]
+    for name, directory, given in zip(names, args.model, given_params, strict=True):
+        record = evaluate(directory, count_nonzero=given is None and args.count == "nonzero")
+        score, stderr = record["score"], record["score_stderr"]
+        if given is not None:
+            n, n_source = given, "given (--params)"
+        elif args.count == "nonzero":
+            n, n_source = record["nonzero_params"], "counted: nonzero non-embedding weights"
+        else:
+            n, n_source = record["n_params"], "counted: non-embedding parameters"
         estimate = density(score, n, loss_law, score_law, tokens, score_stderr=stderr,
                            level=args.level, samples=args.samples, seed=args.seed,
                            bound=args.bound)
         entry = {"name": name, "model": directory, "score_stderr": stderr,
-                 **estimate.to_dict()}
+                 **estimate.to_dict(), "n_params_source": n_source,
+                 "non_embedding_params": record["n_params"]}
         models.append(entry)
         print(f"{name}: N = {n:.4g}, score = {score:.4f} ± {stderr:.4f}, "
               f"N̂ = {estimate.effective_params:.4g} "
@@ -310,6 +338,7 @@ def run_density(args: Any) -> int:
 
     result = {"family": args.family, "task": args.task, "instances": source,
               "n_instances": len(instances), "loss": args.loss, "n_tokens": tokens,
+              "joint_tokenization": bool(args.joint_tokenization and need_loss),
               "score": args.score, "loss_law": loss_law.to_dict(),
               "score_law": score_law.to_dict(), "warnings": warnings,
               "holdout_largest": holdout,
@@ -338,6 +367,31 @@ def run_density(args: Any) -> int:
             os.path.join(args.figures, "density.png"))
         print(f"wrote figures to {args.figures}", file=sys.stderr)
     return 0
+
+
+def parse_params(values: list[str] | None, n_models: int) -> list[float | None]:
+    """``--params`` values, one per ``--model`` (``None`` for ``auto``; all ``auto`` when
+    absent). A count that differs from the models', a value that is not a number, or one that
+    is not positive raises :class:`InputError` naming it."""
+    if values is None:
+        return [None] * n_models
+    if len(values) != n_models:
+        raise InputError(f"{len(values)} --params for {n_models} --model: give one per model, "
+                         "in order ('auto' to count it)")
+    out: list[float | None] = []
+    for i, value in enumerate(values):
+        if value.strip().lower() == "auto":
+            out.append(None)
+            continue
+        try:
+            n = float(value)
+        except ValueError:
+            raise InputError(f"--params {value!r} (model {i + 1}): not a number or 'auto'") \
+                from None
+        if not (math.isfinite(n) and n > 0):
+            raise InputError(f"--params {value!r} (model {i + 1}): must be a positive number")
+        out.append(n)
+    return out
 
 
 def _check_held_scores(args: Any) -> None:

@@ -85,16 +85,55 @@ def _token_ids(text_or_ids: Any, tokenizer: Any, *, special: bool, what: str) ->
         raise InputError(f"{what} is neither text nor a sequence of token ids") from exc
 
 
+def _joint_token_ids(prompt: Any, answer: Any, tokenizer: Any, index: int
+                     ) -> tuple[list[int], list[int]]:
+    """``prompt + answer`` encoded as one text (with the tokenizer's special tokens), split
+    into prompt and answer ids by the tokens' character offsets: a token whose span ends after
+    the prompt's last character is an answer token (one that starts inside the prompt and ends
+    inside the answer, straddling the boundary, counts as an answer token), as is everything
+    after it; zero-width special tokens after the last answer character (an EOS the tokenizer
+    appends) are dropped, as the separate encoding never appends them to the answer."""
+    what = f"examples[{index}]"
+    if not (isinstance(prompt, str) and isinstance(answer, str)):
+        raise InputError(f"{what}: joint tokenization encodes text; the prompt and the answer "
+                         "must both be text, not token ids")
+    if tokenizer is None:
+        raise InputError(f"{what} is text but no tokenizer was given")
+    text = prompt + answer
+    try:
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+    except (TypeError, KeyError, NotImplementedError, ValueError) as exc:
+        raise InputError(f"joint tokenization needs the tokenizer's character offsets "
+                         f"(return_offsets_mapping, e.g. an HF fast tokenizer); "
+                         f"{type(tokenizer).__name__} gives none: {exc}") from None
+    ids = [int(t) for t in encoded["input_ids"]]
+    spans = [(int(a), int(b)) for a, b in offsets]
+    if len(spans) != len(ids):
+        raise InputError(f"joint tokenization needs one character offset per token; "
+                         f"{type(tokenizer).__name__} gave {len(spans)} for {len(ids)} tokens")
+    boundary = len(prompt)
+    first = next((k for k, (a, b) in enumerate(spans) if b > a and b > boundary), len(ids))
+    last = max((k for k, (a, b) in enumerate(spans) if b > a), default=-1)
+    return ids[:first], ids[first:max(last + 1, first)]
+
+
 def _tokenize_examples(examples: Iterable[Any], tokenizer: Any, vocab_size: int,
-                       max_len: int) -> list[tuple[list[int], int]]:
+                       max_len: int, *, joint: bool = False) -> list[tuple[list[int], int]]:
     """``(prompt + answer ids, prompt length)`` per example. Text prompts are encoded with the
     tokenizer's special tokens (BOS), answers without, and the two are concatenated: the answer
-    is scored as the continuation the tokenizer would give it on its own."""
+    is scored as the continuation the tokenizer would give it on its own. With ``joint``, the
+    concatenated text is encoded once and split by character offsets (:func:`_joint_token_ids`)."""
     rows = []
     for i, example in enumerate(examples):
         prompt, answer = _example_pair(example, i)
-        prompt_ids = _token_ids(prompt, tokenizer, special=True, what=f"examples[{i}].prompt")
-        answer_ids = _token_ids(answer, tokenizer, special=False, what=f"examples[{i}].answer")
+        if joint:
+            prompt_ids, answer_ids = _joint_token_ids(prompt, answer, tokenizer, i)
+        else:
+            prompt_ids = _token_ids(prompt, tokenizer, special=True,
+                                    what=f"examples[{i}].prompt")
+            answer_ids = _token_ids(answer, tokenizer, special=False,
+                                    what=f"examples[{i}].answer")
         if not prompt_ids:
             raise EmptyPromptError(f"examples[{i}].prompt has no tokens (a token must precede "
                                    "the answer to condition on)")
@@ -136,7 +175,8 @@ def _batch_loss_fn(graphdef: Any, chunk: int) -> Any:
 
 
 def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
-                     batch_size: int = 16, chunk: int = 128, bucket: int = 32) -> float:
+                     batch_size: int = 16, chunk: int = 128, bucket: int = 32,
+                     joint: bool = False) -> float:
     """Mean ``-log P(answer | prompt)`` per answer token, over all answer tokens of ``examples``.
 
     ``examples``: objects with ``.prompt`` / ``.answer`` (``cpmjax.scaling.Instance``) or
@@ -145,7 +185,14 @@ def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
     Rows are right-padded to a multiple of ``bucket`` and run ``batch_size`` at a time through
     one jitted forward per shape; the loss is ``cpmjax.train.chunked_cross_entropy``, which never
     builds more than ``[batch, chunk, vocab]`` logits at once, in float32. The mean weights every
-    answer token equally (a long answer counts more than a short one)."""
+    answer token equally (a long answer counts more than a short one).
+
+    ``joint=True``: encode ``prompt + answer`` as one text instead (a BPE tokenizer may merge
+    across the boundary, as it does in training text) and score as answer tokens those whose
+    character span ends after the prompt's end (a token straddling the boundary counts as an
+    answer token; the prompt then keeps the tokens that lie wholly inside it). Needs text
+    examples and a tokenizer that gives character offsets (``return_offsets_mapping``: HF fast
+    tokenizers); otherwise :class:`InputError`."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -154,7 +201,7 @@ def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
                          "a positive integer")
     config = model.config
     rows = _tokenize_examples(examples, tokenizer, config.vocab_size,
-                              config.max_position_embeddings)
+                              config.max_position_embeddings, joint=bool(joint))
     graphdef, state = nnx.split(model)
     batch_loss = _batch_loss_fn(graphdef, int(chunk))
     batch_size = min(int(batch_size), len(rows))  # one row count for every batch of this call
