@@ -726,8 +726,10 @@ def test_cli_density_on_a_fabricated_family(tmp_path, monkeypatch, capsys):
     the model's (real) conditional loss."""
     from helpers import word_tokenizer
 
+    import cpmjax
     from cpmjax.cli import main
     from cpmjax.scaling import conditional_loss, passuntil
+    from cpmjax.scaling.densing import nonzero_params
     from cpmjax.scaling.tasks import Instance
 
     word_tokenizer(tmp_path / "tok", WORDS)
@@ -776,7 +778,47 @@ def test_cli_density_on_a_fabricated_family(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(passuntil, "greedy_accuracy", None)
     assert main(argv) == 0
     assert json.loads(out.read_text())["models"][0]["density"] == model["density"]
+    assert model["n_params_source"] == "counted: non-embedding parameters"
     capsys.readouterr()
+    # N given (--params) or counted as nonzero weights (loads the model, scores from the cache)
+    assert main(argv + ["--params", "5e4"]) == 0
+    (given,) = json.loads(out.read_text())["models"]
+    assert given["n_params"] == 5e4 and given["n_params_source"] == "given (--params)"
+    assert given["density"] == pytest.approx(model["effective_params"] / 5e4, rel=1e-12)
+    assert given["non_embedding_params"] == models[0][1]
+    assert main(argv + ["--params", "auto", "--count", "nonzero"]) == 0
+    (counted,) = json.loads(out.read_text())["models"]
+    assert counted["n_params_source"] == "counted: nonzero non-embedding weights"
+    assert counted["n_params"] == nonzero_params(cpmjax.from_pretrained(member)) == models[0][1]
+    assert "nonzero_params" in next(v for k, v in json.loads(cache.read_text()).items()
+                                    if k.startswith(str(member)) and "greedy" in k)
+    # the sigmoid's floor and ceiling held at the truth's: the rest of the law is recovered
+    assert main(argv + ["--score-floor", "0.1", "--score-ceiling", "0.9"]) == 0
+    result = json.loads(out.read_text())
+    assert result["score_law"]["held"] == {"floor": 0.1, "ceiling": 0.9}
+    assert result["score_law"]["stderr"]["d"] == 0.0
+    for name, value in CLI_SCORE.items():
+        assert result["score_law"][name] == pytest.approx(value, rel=1e-3), name
+    assert result["models"][0]["density"] == pytest.approx(1.0, rel=1e-3)
+    assert "floor held at 0.1, ceiling held at 0.9" in capsys.readouterr().out
+    # --joint-tokenization: the answers' losses of the joint encoding, cached apart
+    assert main(argv + ["--joint-tokenization"]) == 0
+    result = json.loads(out.read_text())
+    assert result["joint_tokenization"] is True
+    tok = cpmjax.load_tokenizer(member)
+    assert result["models"][0]["conditional_loss"] == pytest.approx(conditional_loss(
+        cpmjax.from_pretrained(member), tok, instances, joint=True), rel=1e-5)
+    assert any(k.endswith("|conditional_loss|joint") for k in json.loads(cache.read_text()))
+    capsys.readouterr()
+    # typed errors before any compute
+    for extra, message in ((["--params", "1", "--params", "2"], "2 --params for 1 --model"),
+                           (["--params", "-5"], "must be a positive number"),
+                           (["--params", "many"], "not a number or 'auto'"),
+                           (["--score-floor", "0.5", "--score-ceiling", "0.5"],
+                            "--score-floor 0.5 is not below --score-ceiling 0.5"),
+                           (["--score-ceiling", "1.5"], "lies outside --score-range 0 1")):
+        assert main(argv + extra) == 2, extra
+        assert message in capsys.readouterr().err
     # --score passuntil: the mean of per-instance estimates, its standard error over instances
     offsets = np.tile([0.01, -0.01], 4)
 
