@@ -65,3 +65,23 @@ def test_bad_bits_name_nf4():
     with pytest.raises(CompressionError, match="'nf4'"):
         cc.quantize(tiny(), bits="nf3")
 
+
+
+@pytest.mark.parametrize("bits", [8, 4, "nf4"])
+def test_dequantize_exports_what_the_quantized_model_computes(tmp_path, bits):
+    from cpmjax.hf import from_pretrained, save_pretrained
+
+    model = tiny()
+    float_logits = np.asarray(model(IDS))
+    cc.quantize(model, bits=bits, group_size=16)
+    quantized_logits = np.asarray(model(IDS))
+    paths = cc.dequantize(model)
+    assert paths and not cc.quantized_modules(model)
+    assert cc.compression_of(model)[-1]["kind"] == "dequantize"
+    np.testing.assert_allclose(np.asarray(model(IDS)), quantized_logits, rtol=1e-5, atol=1e-5)
+    save_pretrained(model, str(tmp_path / "hf"))
+    again = from_pretrained(str(tmp_path / "hf"), dtype="float32")
+    np.testing.assert_allclose(np.asarray(again(IDS)), quantized_logits, rtol=1e-5, atol=1e-5)
+    assert np.abs(quantized_logits - float_logits).max() > 1e-4  # the rounding is kept
+    with pytest.raises(CompressionError, match="no quantized layer"):
+        cc.dequantize(model)

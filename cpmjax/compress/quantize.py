@@ -153,6 +153,36 @@ def quantized_modules(model: nnx.Module) -> dict[str, QuantizedLinear]:
     return {p: m for p, m, _, _ in modules(model) if isinstance(m, QuantizedLinear)}
 
 
+def dequantize(model: nnx.Module) -> list[str]:
+    """Undo ``quantize`` as a format, not as a rounding: replace every ``QuantizedLinear`` of
+    ``model`` by an ``nnx.Linear`` whose kernel is its dequantized kernel (``dequantized()`` cast
+    to the layer's original parameter dtype), in place, keeping bias and prune mask. The model
+    then computes what the quantized model computes (the same float matmul of the same
+    dequantized values) and exports with ``cpmjax.hf.save_pretrained`` as a float checkpoint
+    that any HF reader loads: the way to measure a quantized model with tools that take HF
+    checkpoints (``cpmjax scaling density``). Returns the module paths replaced."""
+    targets = [(p, m, parent, key) for p, m, parent, key in modules(model)
+               if isinstance(m, QuantizedLinear)]
+    if not targets:
+        raise CompressionError(f"{type(model).__name__} has no quantized layer to dequantize")
+    for _, module, parent, key in targets:
+        axes = getattr(module.kernel, "logical_axes", None)
+        meta = {"logical_axes": axes} if axes else {}
+        linear = nnx.Linear(module.in_features, module.out_features,
+                            use_bias=module.bias is not None, dtype=module.dtype,
+                            param_dtype=module.param_dtype, rngs=nnx.Rngs(0))
+        linear.kernel = nnx.Param(module.dequantized().astype(module.param_dtype), **meta)
+        if module.bias is not None:
+            linear.bias = module.bias
+        mask = getattr(module, "prune_mask", None)
+        if mask is not None:
+            linear.prune_mask = mask
+        set_child(parent, key, linear)
+    paths = [p for p, _, _, _ in targets]
+    record(model, "dequantize", modules=paths)
+    return paths
+
+
 def weight_bytes(model: nnx.Module) -> int:
     """Bytes of all weights, integers counted at their logical width (int4 = half a byte)."""
     total = 0
