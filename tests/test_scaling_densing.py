@@ -579,6 +579,7 @@ def test_nonzero_params_of_pruned_and_quantized_models(tiny_llama):
     from flax import nnx
 
     from cpmjax.compress import QuantizedLinear, masks, prune, quantize
+    from cpmjax.compress.quantize import NF4_LEVELS
     from cpmjax.scaling.densing import nonzero_params
     from cpmjax.scaling.family import non_embedding_params
 
@@ -604,6 +605,15 @@ def test_nonzero_params_of_pruned_and_quantized_models(tiny_llama):
     want = other + sum(int(np.count_nonzero(np.asarray(m.kernel[...]))) for m in quantized)
     assert nonzero_params(pruned) == want
     assert full - zeros - 0.05 * full <= want <= full - zeros  # few weights round to 0
+    # NF4 stores level indices (0 is not the zero level): its logical weights are counted
+    nf4 = nnx.clone(tiny_llama[1])
+    prune(nf4, 0.5)
+    quantize(nf4, bits="nf4")
+    levels = np.asarray(NF4_LEVELS)
+    quantized = [m for _, m in nnx.iter_graph(nf4) if isinstance(m, QuantizedLinear)]
+    nonzero_levels = sum(int(np.count_nonzero(levels[np.asarray(m.kernel[...], np.int32)]))
+                         for m in quantized)
+    assert nonzero_params(nf4) == other + nonzero_levels
     with pytest.raises(InputError, match="dict is not a model"):
         nonzero_params({})
 
