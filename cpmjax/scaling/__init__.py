@@ -39,7 +39,7 @@ _EXPORTS = {
     "conditional_loss": "densing", "fit_loss_law": "densing", "LossLaw": "densing",
     "fit_score_law": "densing", "ScoreLaw": "densing", "effective_params": "densing",
     "density": "densing", "DensityEstimate": "densing", "fit_density_trend": "densing",
-    "DensityTrend": "densing",
+    "DensityTrend": "densing", "nonzero_params": "densing",
 }
 
 __all__ = sorted(_EXPORTS)
