@@ -186,7 +186,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from cpmjax.report import machine_info, markdown_table, write_json, write_text
     from cpmjax.scaling import family_runs
-    from cpmjax.scaling.family import lr_sweep_results
+    from cpmjax.scaling.family import lr_sweep_results, sweep_summary
 
     runs = family_runs(args.family)
     with open(os.path.join(args.family, "family.json")) as f:
@@ -199,13 +199,18 @@ def _report(args: argparse.Namespace) -> None:
                                 r.total_params, b.start_step, b.steps, b.tokens, b.train_loss,
                                 b.eval_loss, round(b.wall_s), round(stable.get("wall_s", 0))])
     sweep = lr_sweep_results(args.family)
-    sweep_lrs = sorted({float(k) for v in sweep.values() for k in v})
+    summary = sweep_summary(sweep)
+    sweep_lrs = sorted({lr for v in summary.values() for lr in v["rates"]})
     sweep_rows = []
     for name, by_lr in sweep.items():
         first = next(iter(by_lr.values()))
-        cells = [by_lr.get(f"{lr:g}", {}).get("eval_loss") for lr in sweep_lrs]
-        best = sweep_lrs[int(np.nanargmin([c if c is not None else np.nan for c in cells]))]
-        sweep_rows.append([name, first["layers"], first["width"], *cells, best])
+        rates = summary[name]["rates"]
+        cells = [None if lr not in rates else (
+            f"{rates[lr]['mean']:.3f}" + (f" ± {rates[lr]['std']:.3f}" if rates[lr]["std"]
+                                          is not None else "")) for lr in sweep_lrs]
+        seeds = max((r["n"] for r in rates.values()), default=0)
+        sweep_rows.append([name, first["layers"], first["width"], seeds, *cells,
+                           summary[name]["best_lr"]])
     sizes = [r.name for r in runs]
     pu_rows, results_json = [], {}
     for directory in args.eval:
@@ -254,8 +259,9 @@ def _report(args: argparse.Namespace) -> None:
                         "steps", "tokens", "train loss", "held-out loss", "branch s",
                         "stable s"], family_rows, align="lrrrrrrrrrrr", float_format=".4g"),
         "\n## μP learning-rate sweep (held-out loss after the short run)\n",
-        markdown_table(["size", "layers", "width", *[f"lr {lr:g}" for lr in sweep_lrs],
-                        "best lr"], sweep_rows, align="lrr" + "r" * len(sweep_lrs) + "r",
+        markdown_table(["size", "layers", "width", "seeds",
+                        *[f"lr {lr:g}" for lr in sweep_lrs], "best lr (mean)"], sweep_rows,
+                       align="lrrr" + "r" * len(sweep_lrs) + "r",
                        float_format=".4g") if sweep_rows else "(not run)",
         "\n## PassUntil and greedy accuracy per model and task\n",
         markdown_table(["task", "size", "non-emb params", "r", "max samples", "instances",

@@ -164,3 +164,33 @@ def test_a_size_trains_in_one_process_at_a_time(tmp_path):
         with pytest.raises(TrainingError, match="another process is training m1"):
             train_family(config, only=["m1"], progress=False)
     assert not os.path.exists(os.path.join(config.out_dir, "m1", "stable"))
+
+
+def test_lr_sweep_runs_each_rate_per_seed_and_summarizes(tmp_path, monkeypatch):
+    from cpmjax.scaling.family import lr_sweep, lr_sweep_results, sweep_key, sweep_summary
+
+    config = load_family_config(_micro(tmp_path, lr_sweep={
+        "lrs": [0.003, 0.03], "seeds": [0, 1], "steps": 3, "sizes": ["m1"]}))
+    results = lr_sweep(config, progress=False)
+    assert sorted(results["m1"]) == sorted(sweep_key(lr, s) for lr in (0.003, 0.03)
+                                           for s in (0, 1))
+    runs = results["m1"]
+    assert runs["0.03@seed1"]["seed"] == 1 and runs["0.03"]["seed"] == 0
+    assert runs["0.03@seed1"]["config"]["run"]["seed"] == 1
+    # two seeds start from different initializations: different losses at one rate
+    assert runs["0.03"]["train_loss"] != runs["0.03@seed1"]["train_loss"]
+    summary = sweep_summary(results)["m1"]
+    for lr in (0.003, 0.03):
+        values = [runs[sweep_key(lr, s)]["eval_loss"] for s in (0, 1)]
+        assert summary["rates"][lr]["n"] == 2
+        assert summary["rates"][lr]["mean"] == pytest.approx(sum(values) / 2)
+    best = min(summary["rates"], key=lambda lr: summary["rates"][lr]["mean"])
+    assert summary["best_lr"] == best
+
+    import cpmjax.scaling.family as family_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished sweep run was trained again")
+
+    monkeypatch.setattr(family_module, "_timed_train", no_training)
+    assert lr_sweep_results(config.out_dir) == lr_sweep(config, progress=False)

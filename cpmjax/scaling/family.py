@@ -62,6 +62,7 @@ __all__ = [
     "load_family_config",
     "lr_sweep",
     "lr_sweep_results",
+    "sweep_summary",
     "non_embedding_params",
     "prepare_family_data",
     "run_config",
@@ -118,6 +119,7 @@ class SweepSpec(_Section):
     smallest and the largest width at one depth); default the family's smallest and largest."""
 
     lrs: list[float]
+    seeds: list[int] = Field(default_factory=lambda: [0])  # each rate runs once per seed
     steps: int = Field(default=200, ge=2)
     decay_fraction: float = Field(default=0.1, gt=0.0, le=1.0)
     sizes: list[str | SizeSpec] | None = None
@@ -362,7 +364,7 @@ def prepare_family_data(config: FamilyConfig, *, log: Any = print) -> dict[str, 
 def run_config(config: FamilyConfig, size: SizeSpec, *, out_dir: str, steps: int,
                decay_start: int | None, decay_steps: int | None = None,
                lr: float | None = None, checkpoint_every: int = 0, keep: int = 3,
-               export: bool = True) -> Any:
+               export: bool = True, seed: int | None = None) -> Any:
     """The ``cpmjax.train`` config of one run of the family: the recipe, the size's model
     fields, the family's data, and a constant schedule (``decay_start=None``, the stable run)
     or WSD decaying from ``decay_start`` for ``decay_steps``."""
@@ -386,6 +388,8 @@ def run_config(config: FamilyConfig, size: SizeSpec, *, out_dir: str, steps: int
     else:
         optim.update(schedule="wsd", decay_start=decay_start, decay_steps=decay_steps)
     run = tree.setdefault("run", {})
+    if seed is not None:
+        run["seed"] = seed
     run.update(steps=steps, out_dir=out_dir, checkpoint_every=checkpoint_every,
                checkpoint_minutes=None, keep_checkpoints=keep, resume=True,
                export_dir=os.path.join(out_dir, "hf") if export else None)
@@ -719,27 +723,57 @@ def lr_sweep(config: FamilyConfig, *, progress: bool = True, log: Any = None
     for size in sizes:
         name = size.name
         for lr in spec.lrs:
-            key = f"{lr:g}"
-            record = sweep.setdefault(name, {}).get(key)
-            if record and record.get("done"):
-                continue
-            rdir = os.path.join(out, "lr-sweep", f"{name}-lr{key}")
-            rc = run_config(config, size, out_dir=rdir, steps=spec.steps,
-                            decay_start=spec.steps - decay, decay_steps=decay, lr=lr,
-                            checkpoint_every=spec.steps, keep=1, export=False)
-            rc.run.progress = progress
-            log(f"[wind tunnel] lr sweep: {name} at lr {key} ({spec.steps} steps)")
-            result, wall = _timed_train(rc, export=False)
-            sweep[name][key] = record = {"done": True, "lr": lr, "steps": result.step,
-                                "train_loss": _final_train_loss(rdir, last=min(20, decay)),
-                                "eval_loss": result.eval_loss, "wall_s": wall,
-                                "non_embedding_params": non_embedding_params(
-                                    config.model_fields_for(size)),
-                                "width": size.hidden, "layers": size.layers,
-                                "config": rc.model_dump(mode="json")}
-            _update_index(out, lambda index, name=name, key=key, record=record:
-                          index.setdefault(name, {}).__setitem__(key, record), SWEEP_FILE)
+            for seed in spec.seeds:
+                key = sweep_key(lr, seed)
+                record = sweep.setdefault(name, {}).get(key)
+                if record and record.get("done"):
+                    continue
+                rdir = os.path.join(out, "lr-sweep", f"{name}-lr{key}")
+                rc = run_config(config, size, out_dir=rdir, steps=spec.steps,
+                                decay_start=spec.steps - decay, decay_steps=decay, lr=lr,
+                                checkpoint_every=spec.steps, keep=1, export=False,
+                                seed=seed)
+                rc.run.progress = progress
+                log(f"[wind tunnel] lr sweep: {name} at lr {lr:g}, seed {rc.run.seed} "
+                    f"({spec.steps} steps)")
+                result, wall = _timed_train(rc, export=False)
+                sweep[name][key] = record = {
+                    "done": True, "lr": lr, "seed": rc.run.seed, "steps": result.step,
+                    "train_loss": _final_train_loss(rdir, last=min(20, decay)),
+                    "eval_loss": result.eval_loss, "wall_s": wall,
+                    "non_embedding_params": non_embedding_params(config.model_fields_for(size)),
+                    "width": size.hidden, "layers": size.layers,
+                    "config": rc.model_dump(mode="json")}
+                _update_index(out, lambda index, name=name, key=key, record=record:
+                              index.setdefault(name, {}).__setitem__(key, record), SWEEP_FILE)
     return lr_sweep_results(out)
+
+
+def sweep_key(lr: float, seed: int = 0) -> str:
+    """The key of one sweep run in ``lr_sweep.json``: the rate (``"0.01"``), with ``@seedS``
+    for seeds other than 0."""
+    return f"{lr:g}" if not seed else f"{lr:g}@seed{seed}"
+
+
+def sweep_summary(results: dict[str, dict[str, Any]], metric: str = "eval_loss"
+                  ) -> dict[str, dict[float, dict[str, Any]]]:
+    """Per size and rate, the mean, standard deviation and count of ``metric`` over the seeds
+    of :func:`lr_sweep_results`, and per size the best rate by the mean
+    (``{size: {"rates": {lr: {...}}, "best_lr": lr}}``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in results.items():
+        by_lr: dict[float, list[float]] = {}
+        for record in runs.values():
+            value = record.get(metric)
+            if value is not None:
+                by_lr.setdefault(float(record["lr"]), []).append(float(value))
+        rates = {lr: {"mean": sum(v) / len(v), "n": len(v),
+                      "std": (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+                      if len(v) > 1 else None}
+                 for lr, v in sorted(by_lr.items())}
+        best = min(rates, key=lambda lr: rates[lr]["mean"]) if rates else None
+        out[name] = {"rates": rates, "best_lr": best}
+    return out
 
 
 def lr_sweep_results(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
