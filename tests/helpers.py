@@ -194,3 +194,39 @@ def run_two_processes(script_text: str, out_path, timeout: int = 300) -> None:
                 p.kill()
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
+
+
+def micro_family_config(tmp_path, **changes):
+    """A two-size micro wind-tunnel family config (YAML under ``tmp_path``) on a small local
+    corpus of this repository's own source; ``changes`` replace top-level sections."""
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = tmp_path / "text"
+    text.mkdir(exist_ok=True)
+    for i in range(12):  # a small local corpus: this repository's own docs and sources
+        (text / f"doc{i}.txt").write_text(
+            open(os.path.join(root, "cpmjax", "scaling", "tasks.py")).read()[i * 400:(i + 3) * 400])
+    config = {
+        "out_dir": str(tmp_path / "family"),
+        "head_dim": 8,
+        "sizes": [{"name": "m1", "layers": 1, "hidden": 16},
+                  {"name": "m2", "layers": 2, "hidden": 32}],
+        "data": {"text_sources": [str(text)], "text_bytes": 20000, "n_train": 120,
+                 "n_test": 10, "vocab_size": 300, "seq_len": 32, "batch_size": 2,
+                 "eval_fraction": 0.2, "documents_per_shard": 4},
+        "branches": {"starts": [4], "decay_fraction": 0.5},
+        "recipe": {
+            "model": {"config": {"model_type": "minicpm", "tie_word_embeddings": True,
+                                 "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 16,
+                                 "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
+                      "init_std": 0.1},
+            "optim": {"lr": 0.01, "warmup_steps": 2},
+            "run": {"log_every": 1, "eval_batches": 1, "loss_chunk": 32, "loss_remat": False,
+                    "tensorboard": False, "async_checkpointing": False},
+        },
+    }
+    config.update(changes)
+    path = tmp_path / "family.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-import yaml
+from helpers import micro_family_config
 
 from cpmjax.errors import ConfigError
 from cpmjax.scaling import (
@@ -18,37 +18,6 @@ from cpmjax.scaling import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _micro(tmp_path, **changes):
-    text = tmp_path / "text"
-    text.mkdir(exist_ok=True)
-    for i in range(12):  # a small local corpus: this repository's own docs and sources
-        (text / f"doc{i}.txt").write_text(
-            open(os.path.join(ROOT, "cpmjax", "scaling", "tasks.py")).read()[i * 400:(i + 3) * 400])
-    config = {
-        "out_dir": str(tmp_path / "family"),
-        "head_dim": 8,
-        "sizes": [{"name": "m1", "layers": 1, "hidden": 16},
-                  {"name": "m2", "layers": 2, "hidden": 32}],
-        "data": {"text_sources": [str(text)], "text_bytes": 20000, "n_train": 120,
-                 "n_test": 10, "vocab_size": 300, "seq_len": 32, "batch_size": 2,
-                 "eval_fraction": 0.2, "documents_per_shard": 4},
-        "branches": {"starts": [4], "decay_fraction": 0.5},
-        "recipe": {
-            "model": {"config": {"model_type": "minicpm", "tie_word_embeddings": True,
-                                 "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 16,
-                                 "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
-                      "init_std": 0.1},
-            "optim": {"lr": 0.01, "warmup_steps": 2},
-            "run": {"log_every": 1, "eval_batches": 1, "loss_chunk": 32, "loss_remat": False,
-                    "tensorboard": False, "async_checkpointing": False},
-        },
-    }
-    config.update(changes)
-    path = tmp_path / "family.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_wind_tunnel_config_spans_the_family():
@@ -89,24 +58,24 @@ def test_non_embedding_params_matches_the_model():
 
 def test_bad_family_configs(tmp_path):
     with pytest.raises(ConfigError, match="grow in layers and width"):
-        load_family_config(_micro(tmp_path, sizes=[{"name": "a", "layers": 2, "hidden": 32},
+        load_family_config(micro_family_config(tmp_path, sizes=[{"name": "a", "layers": 2, "hidden": 32},
                                                    {"name": "b", "layers": 1, "hidden": 64}]))
     with pytest.raises(ConfigError, match="min_ratio"):
-        load_family_config(_micro(tmp_path, require={"min_ratio": 30}))
+        load_family_config(micro_family_config(tmp_path, require={"min_ratio": 30}))
     with pytest.raises(ConfigError, match="min_sizes"):
-        load_family_config(_micro(tmp_path, require={"min_sizes": 5}))
+        load_family_config(micro_family_config(tmp_path, require={"min_sizes": 5}))
     with pytest.raises(ConfigError, match="warmup"):
-        load_family_config(_micro(tmp_path, branches={"starts": [1]}))
+        load_family_config(micro_family_config(tmp_path, branches={"starts": [1]}))
     with pytest.raises(ConfigError, match="distinct"):
-        load_family_config(_micro(tmp_path, sizes=[{"name": "a", "layers": 1, "hidden": 16},
+        load_family_config(micro_family_config(tmp_path, sizes=[{"name": "a", "layers": 1, "hidden": 16},
                                                    {"name": "a", "layers": 2, "hidden": 32}]))
     with pytest.raises(ConfigError, match="nope"):
-        train_family(load_family_config(_micro(tmp_path)), only=["nope"])
+        train_family(load_family_config(micro_family_config(tmp_path)), only=["nope"])
 
 
 @pytest.mark.slow
 def test_micro_family_trains_branches_and_resumes(tmp_path, monkeypatch):
-    config = load_family_config(_micro(tmp_path))
+    config = load_family_config(micro_family_config(tmp_path))
     plan = train_family(config, dry_run=True, progress=False)
     assert [p["action"] for p in plan] == ["train"] * 4
     assert not os.path.exists(config.out_dir)  # a dry run touches nothing
@@ -157,7 +126,7 @@ def test_a_size_trains_in_one_process_at_a_time(tmp_path):
 
     from cpmjax.errors import TrainingError
 
-    config = load_family_config(_micro(tmp_path))
+    config = load_family_config(micro_family_config(tmp_path))
     os.makedirs(os.path.join(config.out_dir, "m1"))
     with open(os.path.join(config.out_dir, "m1", ".lock"), "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process training m1
@@ -169,7 +138,7 @@ def test_a_size_trains_in_one_process_at_a_time(tmp_path):
 def test_lr_sweep_runs_each_rate_per_seed_and_summarizes(tmp_path, monkeypatch):
     from cpmjax.scaling.family import lr_sweep, lr_sweep_results, sweep_key, sweep_summary
 
-    config = load_family_config(_micro(tmp_path, lr_sweep={
+    config = load_family_config(micro_family_config(tmp_path, lr_sweep={
         "lrs": [0.003, 0.03], "seeds": [0, 1], "steps": 3, "sizes": ["m1"]}))
     results = lr_sweep(config, progress=False)
     assert sorted(results["m1"]) == sorted(sweep_key(lr, s) for lr in (0.003, 0.03)

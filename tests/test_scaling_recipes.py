@@ -9,15 +9,15 @@ import math
 import os
 
 import pytest
+from helpers import micro_family_config
 
 from cpmjax.errors import ConfigError, MissingPathError
 from cpmjax.scaling import load_family_config, non_embedding_params
 from cpmjax.scaling.recipes import train_variant, variant_config, variant_runs
-from tests.test_scaling_family import _micro
 
 
 def test_variant_configs_change_one_ingredient(tmp_path):
-    config = load_family_config(_micro(tmp_path))
+    config = load_family_config(micro_family_config(tmp_path))
     out = str(tmp_path / "v")
     steps = 4 + 2  # the final branch: stable 4 steps + ceil(0.5 * 4) decay steps
     cos = variant_config(config, "m2", "cosine", out_dir=out)
@@ -50,7 +50,7 @@ def test_variant_configs_change_one_ingredient(tmp_path):
 
 
 def test_variants_train_record_and_skip(tmp_path, monkeypatch):
-    config = load_family_config(_micro(tmp_path))
+    config = load_family_config(micro_family_config(tmp_path))
     out = str(tmp_path / "variants")
     with pytest.raises(MissingPathError):
         variant_runs(out)
