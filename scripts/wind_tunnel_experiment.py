@@ -172,8 +172,14 @@ def _predict(args: argparse.Namespace) -> None:
             entry["fit_error"] = f"{type(exc).__name__}: {exc}"
         try:
             per_instance = np.stack([r.estimate for r in results])
-            law_i = fit_task_scaling(n, per_instance, level="instance")
-            entry["instance_level"] = {"r2": law_i.r2,
+            # the instance-level law needs 0 < PU < 1 at every size: instances that never
+            # passed within the budget (estimate 0) at some size are left out, and counted
+            keep = np.all((per_instance > 0) & (per_instance < 1), axis=0)
+            if not keep.any():
+                raise ValueError("no instance has 0 < PU < 1 at every size")
+            law_i = fit_task_scaling(n, per_instance[:, keep], level="instance")
+            entry["instance_level"] = {"r2": law_i.r2, "instances_used": int(keep.sum()),
+                                       "instances_left_out": int((~keep).sum()),
                                        "predicted_pass_rate": float(law_i.predict(n_target))}
         except Exception as exc:
             entry["instance_level"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
