@@ -253,6 +253,38 @@ def test_density_interval_covers_the_truth():
     assert hits >= 0.85 * repeats  # binomial(40, 0.95) falls below 34 with probability < 2%
 
 
+def test_loss_density_inverts_the_loss_law_and_covers_the_truth():
+    """Step 1 alone: ``loss_density`` gives the size whose predicted loss is the model's loss
+    (round trip to 1e-9), and its interval covers density 1 for a model of the reference
+    family in about 95% of synthetic families."""
+    from cpmjax.scaling import loss_density
+
+    n_model, tokens = 3e7, 1e10
+    true_loss = _loss(n_model, tokens, **LOSS_TRUTH)
+    n, d, loss, _, _ = _family(5)
+    law = fit_loss_law(n, d, loss)
+    est = loss_density(true_loss, n_model, law, tokens, samples=200)
+    assert est.score is None
+    assert law.predict(est.effective_params, tokens) == pytest.approx(true_loss, rel=1e-9)
+    assert est.density == pytest.approx(est.effective_params / n_model, rel=1e-12)
+    below = loss_density(law.floor(tokens) * 0.99, n_model, law, tokens, samples=50)
+    assert math.isinf(below.effective_params)  # at or below the floor: unbounded, not NaN
+    hits, repeats = 0, 40
+    for r in range(repeats):
+        n, d, loss, _, rng = _family(300 + r)
+        measured = true_loss * (1 + 0.01 * rng.standard_normal())
+        est = loss_density(measured, n_model, fit_loss_law(n, d, loss), tokens,
+                           loss_stderr=0.01 * true_loss, samples=1000, seed=r)
+        lo, hi = est.density_interval
+        assert lo <= est.density <= hi
+        hits += lo <= 1.0 <= hi
+    assert hits >= 0.85 * repeats
+    with pytest.raises(FitError, match="loss"):
+        loss_density(float("nan"), n_model, law, tokens)
+    with pytest.raises(FitError, match="n_params"):
+        loss_density(true_loss, 0, law, tokens)
+
+
 def test_out_of_range_is_typed_or_a_bound_never_nan():
     n, d = _grid()
     loss_law = fit_loss_law(n, d, _loss(n, d, **LOSS_TRUTH))

@@ -40,6 +40,7 @@ _EXPORTS = {
     "fit_score_law": "densing", "ScoreLaw": "densing", "effective_params": "densing",
     "density": "densing", "DensityEstimate": "densing", "fit_density_trend": "densing",
     "DensityTrend": "densing", "nonzero_params": "densing",
+    "loss_density": "densing",
 }
 
 __all__ = sorted(_EXPORTS)

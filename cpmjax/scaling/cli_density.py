@@ -329,12 +329,18 @@ def run_density(args: Any) -> int:
               f"ρ = {estimate.density:.4g} {_fmt_interval(estimate.density_interval)} "
               f"({int(args.level * 100)}%, D = {tokens:.4g})")
         if need_loss:  # step 1 alone: the size the loss law gives the model's own loss
-            loss_n_hat = loss_law.inverse_params(record["loss"], tokens, bound=True)
+            from cpmjax.scaling.densing import loss_density
+
+            alone = loss_density(record["loss"], n, loss_law, tokens, level=args.level,
+                                 samples=args.samples, seed=args.seed)
             entry.update(conditional_loss=record["loss"],
-                         loss_effective_params=_none_if_inf(loss_n_hat),
-                         loss_density=_none_if_inf(loss_n_hat / n))
+                         loss_effective_params=_none_if_inf(alone.effective_params),
+                         loss_density=_none_if_inf(alone.density),
+                         loss_density_interval=_finite_json(alone.to_dict()["density_interval"]))
             print(f"{name}: conditional loss {record['loss']:.4f}, the loss law alone gives "
-                  f"N̂ = {loss_n_hat:.4g}, ρ = {loss_n_hat / n:.4g}")
+                  f"N̂ = {alone.effective_params:.4g} "
+                  f"{_fmt_interval(alone.effective_params_interval)}, ρ = {alone.density:.4g} "
+                  f"{_fmt_interval(alone.density_interval)}")
 
     result = {"family": args.family, "task": args.task, "instances": source,
               "n_instances": len(instances), "loss": args.loss, "n_tokens": tokens,

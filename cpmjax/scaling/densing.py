@@ -57,6 +57,7 @@ __all__ = [
     "fit_density_trend",
     "fit_loss_law",
     "fit_score_law",
+    "loss_density",
     "nonzero_params",
 ]
 
@@ -896,7 +897,7 @@ class DensityEstimate:
     score lay beyond a sampled law's range (counted as ``N̂ = 0`` or ``inf``); ``inf`` in an
     interval is the bound "larger than any finite size"."""
 
-    score: float
+    score: float | None  # None for loss_density (step 1 alone)
     loss: float
     n_params: float
     n_tokens: float
@@ -987,6 +988,50 @@ def density(score: float, n_params: float, loss_law: LossLaw, score_law: ScoreLa
         score=float(score), loss=float(loss), n_params=n_params, n_tokens=n_tokens,
         effective_params=n_hat, density=n_hat / n_params,
         effective_params_interval=interval,
+        density_interval=None if interval is None else (interval[0] / n_params,
+                                                        interval[1] / n_params),
+        level=level, samples=samples, bounded_draws=bounded)
+
+
+def loss_density(loss: float, n_params: float, loss_law: LossLaw, n_tokens: float, *,
+                 loss_stderr: float = 0.0, level: float = 0.95, samples: int = 4000,
+                 seed: int = 0) -> DensityEstimate:
+    """Step 1 alone: the size ``N̂`` at which the reference family's loss law reaches ``loss`` at
+    ``n_tokens`` tokens (``LossLaw.inverse_params``, ``inf`` at or below the law's floor), and
+    ``ρ = N̂ / n_params``, with a parametric-bootstrap interval: ``samples`` draws of the loss
+    law's parameters from their fitted Gaussian (and of the loss from ``N(loss,
+    loss_stderr²)``), each inverted, the ``level`` percentile interval of the draws. For models
+    whose task score does not resolve the family (a flat score law), this is the density the
+    data determine. ``score`` in the result is ``None``."""
+    n_params = float(_as_positive_array([n_params], "n_params")[0])
+    n_tokens = float(_as_positive_array([n_tokens], "n_tokens")[0])
+    if not 0 < level < 1:
+        raise FitError(f"level={level} must lie in (0, 1)")
+    if samples < 1:
+        raise FitError(f"samples={samples} must be positive")
+    if not (math.isfinite(loss) and loss > 0):
+        raise FitError(f"loss={loss} must be finite and positive")
+    if not (math.isfinite(loss_stderr) and loss_stderr >= 0):
+        raise FitError(f"loss_stderr={loss_stderr} must be finite and non-negative")
+    n_hat = loss_law.inverse_params(loss, n_tokens, bound=True)
+    interval, bounded = None, 0.0
+    if _finite_covariance(loss_law.covariance):
+        rng = np.random.default_rng(seed)
+        theta = _draw(_theta_loss(loss_law), loss_law.covariance, samples, rng)
+        theta[:, 1] = np.maximum(theta[:, 1], 1e-9)  # α > 0 in every draw
+        losses = loss + loss_stderr * rng.standard_normal(samples)
+        excess = losses - np.exp(theta[:, 2] - theta[:, 3] * math.log(n_tokens))
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            draws = np.exp((theta[:, 0] - np.log(np.where(excess > 0, excess, 1.0)))
+                           / theta[:, 1])
+        draws = np.where(excess <= 0, np.inf, draws)
+        bounded = float(np.mean(np.isinf(draws)))
+        tail = (1 - level) / 2
+        lo, hi = np.quantile(draws, [tail, 1 - tail], method="inverted_cdf")
+        interval = (float(lo), float(hi))
+    return DensityEstimate(
+        score=None, loss=float(loss), n_params=n_params, n_tokens=n_tokens,
+        effective_params=n_hat, density=n_hat / n_params, effective_params_interval=interval,
         density_interval=None if interval is None else (interval[0] / n_params,
                                                         interval[1] / n_params),
         level=level, samples=samples, bounded_draws=bounded)
