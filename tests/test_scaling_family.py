@@ -93,6 +93,14 @@ def test_micro_family_trains_branches_and_resumes(tmp_path, monkeypatch):
         with open(os.path.join(branch.export_dir, "config.json")) as f:
             assert json.load(f)["hidden_size"] == run.width
     assert runs[0].non_embedding_params < runs[1].non_embedding_params
+    # any model scored on the family's held-out split reads what the branch recorded
+    from cpmjax.hf import from_pretrained
+    from cpmjax.scaling import family_heldout_loss
+
+    for run in runs:
+        model = from_pretrained(run.export_dir, dtype="float32")
+        assert family_heldout_loss(model, config.out_dir) == pytest.approx(
+            run.final.eval_loss, rel=1e-4)
     index = json.load(open(os.path.join(config.out_dir, "family.json")))
     entry = index["runs"]["m2"]
     assert entry["branches"]["4"]["config"]["optim"]["decay_start"] == 4

@@ -30,7 +30,7 @@ _EXPORTS = {
     "accelerated_emergence": "task_fit", "Emergence": "task_fit",
     # family.py: the wind tunnel
     "FamilyConfig": "family", "load_family_config": "family", "train_family": "family",
-    "family_runs": "family", "non_embedding_params": "family", "FamilyRun": "family",
+    "family_runs": "family", "family_heldout_loss": "family", "non_embedding_params": "family", "FamilyRun": "family",
     "FamilyBranch": "family", "lr_sweep": "family", "lr_sweep_results": "family",
     # recipes.py: recipe variants of a family size (Densing-Law comparisons)
     "train_variant": "recipes", "variant_config": "recipes", "variant_runs": "recipes",

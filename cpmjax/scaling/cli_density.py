@@ -54,8 +54,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N instances only")
     p.add_argument("--loss", choices=["task", "eval"], default="task",
                    help="the loss both laws use: the answers' conditional loss (task) or the "
-                        "family's recorded held-out LM loss (eval; the measured models then "
-                        "need no loss)")
+                        "held-out LM loss on the family's held-out split (eval: the family's "
+                        "recorded eval_loss; each measured model is scored on the same batches)")
     p.add_argument("--joint-tokenization", action="store_true",
                    help="--loss task: encode prompt + answer as one text and score the tokens "
                         "whose character span ends after the prompt (needs a fast tokenizer's "
@@ -184,19 +184,24 @@ def _score(model: Any, tokenizer: Any, task: Any, instances: list[Any], args: An
 
 
 def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
-              cache: dict[str, Any], instances_key: str, count_nonzero: bool = False
-              ) -> dict[str, Any]:
+              cache: dict[str, Any], instances_key: str, count_nonzero: bool = False,
+              with_loss: bool = True) -> dict[str, Any]:
     """Non-embedding parameters (with ``count_nonzero``, the nonzero ones too:
     ``nonzero_params``), score (and its standard error) and, with ``--loss task``, the
     conditional loss of the checkpoint in ``directory``. The cache holds the score under
     (directory, task, instances, score kind) and the loss under (directory, task, instances),
-    so a rerun with another ``--loss`` or ``--score`` computes only what it lacks."""
-    need_loss = args.loss == "task"
+    so a rerun with another ``--loss`` or ``--score`` computes only what it lacks. With
+    ``--loss eval`` the loss is the held-out LM loss on the family's held-out split
+    (``family_heldout_loss``, what the family's branches record), cached per family;
+    ``with_loss=False`` skips the loss (the family's own points, whose loss the index holds)."""
+    need_loss = with_loss
     score_kind = args.score if args.score == "greedy" else (
         f"passuntil:{args.required_passes}:{args.max_samples}:{args.seed}")
     base = f"{os.path.abspath(directory)}|{task.name}|{instances_key}"
     score_key = f"{base}|{score_kind}"
     loss_key = f"{base}|conditional_loss" + ("|joint" if args.joint_tokenization else "")
+    if args.loss == "eval":
+        loss_key = f"{os.path.abspath(directory)}|heldout_loss|{os.path.abspath(args.family)}"
     need_nonzero = count_nonzero and "nonzero_params" not in cache.get(score_key, {})
     if score_key not in cache or (need_loss and loss_key not in cache) or need_nonzero:
         from cpmjax.hf import from_pretrained
@@ -217,14 +222,30 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
             cache[score_key]["nonzero_params"] = int(nonzero_params(model))
             _write_cache(args.cache, cache)
         if need_loss and loss_key not in cache:
-            cache[loss_key] = {"loss": float(conditional_loss(
-                model, tokenizer, instances, batch_size=args.batch_size,
-                joint=args.joint_tokenization))}
+            if args.loss == "eval":
+                from cpmjax.scaling.family import family_heldout_loss
+
+                loss = family_heldout_loss(model, args.family)
+            else:
+                loss = conditional_loss(model, tokenizer, instances, batch_size=args.batch_size,
+                                        joint=args.joint_tokenization)
+            cache[loss_key] = {"loss": float(loss)}
             _write_cache(args.cache, cache)
     record = dict(cache[score_key])
     if need_loss:
         record["loss"] = cache[loss_key]["loss"]
     return record
+
+
+def _family_has_config(directory: str) -> bool:
+    """Whether the family index records the family's config (``cpmjax scaling family`` writes
+    it; the held-out split of ``--loss eval`` is rebuilt from it)."""
+    path = os.path.join(directory, "family.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "config" in json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _default_name(directory: str) -> str:
@@ -275,12 +296,14 @@ def run_density(args: Any) -> int:
     cache = _read_cache(args.cache)
     need_loss = args.loss == "task"
 
-    def evaluate(directory: str, count_nonzero: bool = False) -> dict[str, Any]:
+    def evaluate(directory: str, count_nonzero: bool = False, with_loss: bool = True
+                 ) -> dict[str, Any]:
         return _evaluate(directory, task, instances, args, cache=cache,
-                         instances_key=instances_key, count_nonzero=count_nonzero)
+                         instances_key=instances_key, count_nonzero=count_nonzero,
+                         with_loss=with_loss)
 
     for point in points:
-        record = evaluate(point["export_dir"])
+        record = evaluate(point["export_dir"], with_loss=need_loss)
         point["score"] = record["score"]
         if need_loss:
             point["loss"] = record["loss"]
@@ -306,9 +329,15 @@ def run_density(args: Any) -> int:
           f"{score_law.l:.4g}))) + {score_law.d:.4g} (R² {score_law.r2:.4f}"
           + "".join(f", {k} held at {v:g}" for k, v in score_law.held.items()) + ")")
 
+    measured_loss = need_loss or _family_has_config(args.family)
+    if not measured_loss:
+        print(f"note: {args.family}/family.json records no family config, so the measured "
+              "models' held-out loss cannot be computed; only their score gives a density",
+              file=sys.stderr)
     models = []
     for name, directory, given in zip(names, args.model, given_params, strict=True):
-        record = evaluate(directory, count_nonzero=given is None and args.count == "nonzero")
+        record = evaluate(directory, count_nonzero=given is None and args.count == "nonzero",
+                          with_loss=measured_loss)
         score, stderr = record["score"], record["score_stderr"]
         if given is not None:
             n, n_source = given, "given (--params)"
@@ -328,16 +357,17 @@ def run_density(args: Any) -> int:
               f"{_fmt_interval(estimate.effective_params_interval)}, "
               f"ρ = {estimate.density:.4g} {_fmt_interval(estimate.density_interval)} "
               f"({int(args.level * 100)}%, D = {tokens:.4g})")
-        if need_loss:  # step 1 alone: the size the loss law gives the model's own loss
+        if "loss" in record:  # step 1 alone: the size the loss law gives the model's own loss
             from cpmjax.scaling.densing import loss_density
 
             alone = loss_density(record["loss"], n, loss_law, tokens, level=args.level,
                                  samples=args.samples, seed=args.seed)
-            entry.update(conditional_loss=record["loss"],
+            label = "conditional_loss" if args.loss == "task" else "heldout_loss"
+            entry.update({label: record["loss"]},
                          loss_effective_params=_none_if_inf(alone.effective_params),
                          loss_density=_none_if_inf(alone.density),
                          loss_density_interval=_finite_json(alone.to_dict()["density_interval"]))
-            print(f"{name}: conditional loss {record['loss']:.4f}, the loss law alone gives "
+            print(f"{name}: {label.replace('_', ' ')} {record['loss']:.4f}, the loss law alone gives "
                   f"N̂ = {alone.effective_params:.4g} "
                   f"{_fmt_interval(alone.effective_params_interval)}, ρ = {alone.density:.4g} "
                   f"{_fmt_interval(alone.density_interval)}")

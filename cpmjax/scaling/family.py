@@ -58,6 +58,7 @@ __all__ = [
     "FamilyConfig",
     "FamilyRun",
     "SizeSpec",
+    "family_heldout_loss",
     "family_runs",
     "load_family_config",
     "lr_sweep",
@@ -486,6 +487,24 @@ def _save_entry(out_dir: str, section: str, key: str, value: Any,
         index.setdefault(section, {})[key] = json.loads(json.dumps(value))
 
     _update_index(out_dir, update, name)
+
+
+def family_heldout_loss(model: Any, directory: str | os.PathLike) -> float:
+    """The held-out loss of ``model`` on the family's held-out split, exactly as the family's
+    branches record theirs (``eval_loss``: the recipe's ``run.eval_batches`` packed batches of
+    the held-out files, same tokenizer and token cache): how any model (a recipe variant, a
+    compressed model) is placed on the family's loss law."""
+    directory = os.fspath(directory)
+    index = _read_index(directory)
+    if "config" not in index:
+        raise MissingPathError(f"no family config recorded in {os.path.join(directory, INDEX_FILE)}"
+                               " (run cpmjax scaling family first)")
+    from cpmjax.train.step import heldout_loss
+
+    config = FamilyConfig(**{**index["config"], "out_dir": os.path.abspath(directory)})
+    train_config = run_config(config, config.sizes[0], out_dir=os.path.join(directory, "eval"),
+                              steps=1, decay_start=None, export=False)
+    return heldout_loss(model, train_config)
 
 
 def family_runs(directory: str | os.PathLike) -> list[FamilyRun]:

@@ -21,7 +21,7 @@ from cpmjax.train.metrics import flops_per_token, measure_matmul_peak
 from cpmjax.train.optim import adamw_mup, mup_group, mup_labels
 from cpmjax.train.schedules import cosine_schedule, wsd_schedule
 from cpmjax.train.setup import make_optimizer, make_training_mesh
-from cpmjax.train.step import SequenceParallel, make_train_step
+from cpmjax.train.step import SequenceParallel, heldout_loss, make_train_step
 from cpmjax.train.tokenizer import train_bpe
 
 TINY_MODEL_NAME = "cpmjax-tiny"
@@ -51,6 +51,7 @@ def install_bundled_model(export_dir: str, name: str = TINY_MODEL_NAME) -> str:
 
 
 __all__ = [
+    "heldout_loss",
     "Checkpointer",
     "PackedBatches",
     "SequenceParallel",
