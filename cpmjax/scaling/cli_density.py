@@ -225,6 +225,15 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
             if args.loss == "eval":
                 from cpmjax.scaling.family import family_heldout_loss
 
+                family_tok = load_tokenizer(os.path.join(args.family, "tokenizer"))
+                if family_tok.get_vocab() != tokenizer.get_vocab():
+                    # another tokenizer's ids: the family's held-out tokens mean nothing to it
+                    print(f"note: {directory} has another tokenizer than the family; no "
+                          "held-out loss (its density comes from its score alone)",
+                          file=sys.stderr)
+                    cache[loss_key] = {"loss": None, "reason": "other tokenizer"}
+                    _write_cache(args.cache, cache)
+                    return dict(cache[score_key])
                 loss = family_heldout_loss(model, args.family)
             else:
                 loss = conditional_loss(model, tokenizer, instances, batch_size=args.batch_size,
@@ -232,7 +241,7 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
             cache[loss_key] = {"loss": float(loss)}
             _write_cache(args.cache, cache)
     record = dict(cache[score_key])
-    if need_loss:
+    if need_loss and cache[loss_key]["loss"] is not None:
         record["loss"] = cache[loss_key]["loss"]
     return record
 
