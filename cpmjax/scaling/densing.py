@@ -948,6 +948,22 @@ def _hold(score_draws: np.ndarray, held: dict[str, float]) -> np.ndarray:
     return score_draws
 
 
+def _check_density_args(n_params: float, n_tokens: float, level: float, samples: int,
+                        **stderr: float) -> tuple[float, float]:
+    """``(n_params, n_tokens)`` as positive floats, after checking the interval settings and
+    the one named standard error (typed ``FitError`` naming the culprit)."""
+    n_params = float(_as_positive_array([n_params], "n_params")[0])
+    n_tokens = float(_as_positive_array([n_tokens], "n_tokens")[0])
+    if not 0 < level < 1:
+        raise FitError(f"level={level} must lie in (0, 1)")
+    if samples < 1:
+        raise FitError(f"samples={samples} must be positive")
+    for name, value in stderr.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise FitError(f"{name}={value} must be finite and non-negative")
+    return n_params, n_tokens
+
+
 def density(score: float, n_params: float, loss_law: LossLaw, score_law: ScoreLaw,
             n_tokens: float, *, score_stderr: float = 0.0, level: float = 0.95,
             samples: int = 4000, seed: int = 0, bound: bool = False) -> DensityEstimate:
@@ -960,14 +976,8 @@ def density(score: float, n_params: float, loss_law: LossLaw, score_law: ScoreLa
     score from ``N(score, score_stderr²)``), each inverted; the ``level`` percentile interval of
     the draws (no interpolation, so an unbounded end stays ``inf``). ``None`` when a fit had no
     residual degrees of freedom (its covariance is infinite)."""
-    n_params = float(_as_positive_array([n_params], "n_params")[0])
-    n_tokens = float(_as_positive_array([n_tokens], "n_tokens")[0])
-    if not 0 < level < 1:
-        raise FitError(f"level={level} must lie in (0, 1)")
-    if samples < 1:
-        raise FitError(f"samples={samples} must be positive")
-    if not (math.isfinite(score_stderr) and score_stderr >= 0):
-        raise FitError(f"score_stderr={score_stderr} must be finite and non-negative")
+    n_params, n_tokens = _check_density_args(n_params, n_tokens, level, samples,
+                                             score_stderr=score_stderr)
     n_hat = effective_params(score, loss_law, score_law, n_tokens, bound=bound)
     loss = score_law.inverse(score, bound=True)
     interval = None
@@ -1003,16 +1013,10 @@ def loss_density(loss: float, n_params: float, loss_law: LossLaw, n_tokens: floa
     loss_stderr²)``), each inverted, the ``level`` percentile interval of the draws. For models
     whose task score does not resolve the family (a flat score law), this is the density the
     data determine. ``score`` in the result is ``None``."""
-    n_params = float(_as_positive_array([n_params], "n_params")[0])
-    n_tokens = float(_as_positive_array([n_tokens], "n_tokens")[0])
-    if not 0 < level < 1:
-        raise FitError(f"level={level} must lie in (0, 1)")
-    if samples < 1:
-        raise FitError(f"samples={samples} must be positive")
     if not (math.isfinite(loss) and loss > 0):
         raise FitError(f"loss={loss} must be finite and positive")
-    if not (math.isfinite(loss_stderr) and loss_stderr >= 0):
-        raise FitError(f"loss_stderr={loss_stderr} must be finite and non-negative")
+    n_params, n_tokens = _check_density_args(n_params, n_tokens, level, samples,
+                                             loss_stderr=loss_stderr)
     n_hat = loss_law.inverse_params(loss, n_tokens, bound=True)
     interval, bounded = None, 0.0
     if _finite_covariance(loss_law.covariance):
