@@ -98,7 +98,7 @@ def _measure(args: argparse.Namespace) -> None:
             models.append((f"{run.name}@{branch.tokens / 1e6:.2f}M", branch.export_dir, None,
                            {"group": "tokens", "tokens": branch.tokens}))
     variants_dir = os.path.join(args.family, "variants")
-    if os.path.isdir(variants_dir):
+    if os.path.isfile(os.path.join(variants_dir, "variants.json")):
         for key, record in sorted(variant_runs(variants_dir).items()):
             models.append((key, record["export_dir"], None,
                            {"group": "recipe", "tokens": record["tokens"],
@@ -170,17 +170,32 @@ def _report(args: argparse.Namespace) -> None:
         for warning in r.get("warnings", []):
             parts.append(f"- warning: {warning}")
         rows = []
+        loss_key = "heldout_loss" if r["loss"] == "eval" else "conditional_loss"
+
+        def span(interval):
+            return None if interval is None else (
+                f"[{_cell(interval[0])}, {_cell(interval[1]) or 'inf'}]")
+
         for m in r["models"]:
-            interval = m.get("density_interval")
             rows.append([m["name"], m.get("group"), m["n_params"], m.get("tokens"),
+                         _cell(m.get(loss_key), ".4f"), _cell(m.get("loss_density")),
+                         span(m.get("loss_density_interval")),
                          _cell(m["score"], ".4f"), _cell(m.get("score_stderr"), ".4f"),
-                         _cell(m.get("conditional_loss"), ".4f"),
-                         _cell(m.get("effective_params")), _cell(m.get("density")),
-                         None if interval is None else
-                         f"[{_cell(interval[0])}, {_cell(interval[1]) or 'inf'}]"])
+                         _cell(m.get("density")), span(m.get("density_interval"))])
+        if args.figure:
+            from cpmjax.scaling.density_plots import plot_densities
+
+            shown = [m for m in r["models"] if m.get("loss_density") is not None]
+            plot_densities([m["name"] for m in shown], [m["loss_density"] for m in shown],
+                           [None if m.get("loss_density_interval") is None else
+                            tuple(float("inf") if v is None else v
+                                  for v in m["loss_density_interval"]) for m in shown],
+                           args.figure)
+            parts.append(f"![density from the loss law]({os.path.basename(args.figure)})\n")
         parts.append(markdown_table(
-            ["model", "group", "N (non-emb.)", "tokens", "score", "± s.e.", "cond. loss",
-             "N̂", "ρ", "ρ 95% interval"], rows))
+            ["model", "group", "N (non-emb.)", "tokens", loss_key.replace("_", " "),
+             "ρ (loss law)", "95% interval", "score", "± s.e.", "ρ (two steps)",
+             "95% interval"], rows))
         parts.append("")
     write_text(args.out, "\n".join(parts) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
@@ -212,6 +227,8 @@ def main() -> None:
     p = sub.add_parser("report", help="markdown tables of measure's JSON files")
     p.add_argument("--results", nargs="+", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--figure", default=None,
+                   help="bar chart of the loss-law densities with their intervals (PNG)")
     p.set_defaults(func=_report)
     args = parser.parse_args()
     args.func(args)
