@@ -141,3 +141,34 @@ def test_iterator_targets_are_shifted_inputs():
     np.testing.assert_array_equal(batch["input_ids"][1], np.arange(8, 16))
     with pytest.raises(ConfigError, match="too short"):
         PackedBatches(tokens[:10], batch_size=2, seq_len=8)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("MIT", True), ("BSD-3-Clause AND 0BSD AND MIT AND Zlib AND CC0-1.0", True),
+    ("Apache 2.0 License", True), ("Python Software Foundation License", True),
+    ("Copyright (c) 2001 Enthought | BSD License", True),
+    ("GPL-3.0-or-later", False), ("MIT | GNU Lesser General Public License v3 (LGPLv3)", False),
+    ("MPL-2.0", False), ("", False), ("Copyright (c) 2020 Someone", False),
+    ("Proprietary", False),
+])
+def test_licence_texts_are_classified(text, expected):
+    from cpmjax.train.data import is_permissive
+
+    assert is_permissive(text) is expected
+
+
+def test_package_sources_take_only_permissive_packages():
+    from cpmjax.train.data import collect_files, package_licenses
+
+    licences = package_licenses()
+    assert "cpmjax" not in {n.lower() for n in licences}
+    assert licences["numpy"]["permissive"]  # BSD-3-Clause AND ... in its License-Expression
+    files = collect_files(["package-sources"])
+    packages = {f.key.split("/")[1] for f in files}
+    assert "numpy" in packages and "jax" in packages
+    assert all(licences[p]["permissive"] for p in packages)
+    assert all(f.key.startswith("package-sources/") and f.path.endswith(".py") for f in files)
+    assert all(os.path.isfile(f.path) for f in files[:50])
+    # a package whose licence is not permissive (or says nothing) contributes nothing
+    refused = {n for n, info in licences.items() if not info["permissive"]}
+    assert not packages & refused

@@ -8,6 +8,11 @@ Corpus sources (``DataConfig.sources``), each expanded to a sorted file list:
   ``pydoc_data/topics.py`` carries the Python language reference as English prose.
 - ``"package-metadata"``: the ``METADATA`` files of the installed distributions
   (``*.dist-info/METADATA``): English project descriptions in Markdown / reStructuredText.
+- ``"package-sources"``: the ``*.py`` files of the installed distributions whose licence is
+  permissive (:func:`package_licenses`: MIT, BSD, Apache, PSF, ISC, Zlib and the like, by
+  their ``License-Expression``, ``License`` and licence classifiers; anything naming a copyleft
+  or unknown licence is left out), this project's own package excluded. Which packages (and
+  versions) are installed decides the corpus: record :func:`package_licenses` with a model.
 - any other string: a file, a directory (searched recursively for ``*.py, *.txt, *.md, *.rst``)
   or a glob pattern.
 
@@ -70,6 +75,69 @@ def _metadata_files() -> list[CorpusFile]:
     return out
 
 
+_PERMISSIVE = ("MIT", "BSD", "APACHE", "PSF", "PYTHON SOFTWARE FOUNDATION", "ISC", "ZLIB",
+               "UNLICENSE", "HPND", "0BSD", "CC0", "BSL-1.0", "BOOST")
+_NOT_PERMISSIVE = ("GPL", "MPL", "MOZILLA", "EPL", "ECLIPSE", "CDDL", "EUPL", "COMMERCIAL",
+                   "PROPRIETARY", "SSPL", "BUSL", "NON-COMMERCIAL", "CC-BY-NC")
+
+
+def license_text(metadata: Any) -> str:
+    """What a distribution's metadata says of its licence: ``License-Expression``, the first line
+    of ``License`` and the ``License ::`` classifiers, joined (empty when it says nothing)."""
+    parts = [metadata.get("License-Expression") or ""]
+    first = (metadata.get("License") or "").strip().split("\n")[0]
+    parts.append(first[:200])
+    parts += [c.split("::", 1)[1].strip() for c in (metadata.get_all("Classifier") or [])
+              if c.startswith("License ::")]
+    return " | ".join(p for p in parts if p)
+
+
+def is_permissive(text: str) -> bool:
+    """Whether a licence text names only permissive licences: at least one of MIT, BSD, Apache,
+    PSF, ISC, Zlib, ... and nothing copyleft, commercial or proprietary (``LGPL``, ``GPL``,
+    ``MPL``, ...). An empty or unknown text is not permissive."""
+    upper = text.upper()
+    return (any(m in upper for m in _PERMISSIVE)
+            and not any(m in upper for m in _NOT_PERMISSIVE))
+
+
+def package_licenses() -> dict[str, dict[str, Any]]:
+    """Every installed distribution (but this project): ``{name: {"version", "license",
+    "permissive", "py_files"}}``, sorted by name; the ``"package-sources"`` corpus takes the
+    ``*.py`` files of those with ``permissive`` true."""
+    import importlib.metadata as md
+
+    out: dict[str, dict[str, Any]] = {}
+    for dist in md.distributions():
+        name = dist.metadata.get("Name")
+        if not name or name.lower() == "cpmjax" or name in out:
+            continue
+        text = license_text(dist.metadata)
+        files = [f for f in (dist.files or []) if str(f).endswith(".py")]
+        out[name] = {"version": dist.version, "license": text,
+                     "permissive": is_permissive(text), "py_files": len(files)}
+    return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
+
+
+def _package_source_files() -> list[CorpusFile]:
+    import importlib.metadata as md
+
+    allowed = {n for n, info in package_licenses().items() if info["permissive"]}
+    out, seen = [], set()
+    for dist in sorted(md.distributions(), key=lambda d: (d.metadata.get("Name") or "").lower()):
+        name = dist.metadata.get("Name")
+        if name not in allowed or name in seen:
+            continue
+        seen.add(name)
+        for f in sorted(dist.files or [], key=str):
+            if not str(f).endswith(".py"):
+                continue
+            full = str(dist.locate_file(f))
+            if os.path.isfile(full):
+                out.append(CorpusFile(full, f"package-sources/{name}/{f}"))
+    return out
+
+
 def _path_files(source: str) -> list[CorpusFile]:
     if os.path.isfile(source):
         return [CorpusFile(source, os.path.basename(source))]
@@ -97,6 +165,8 @@ def collect_files(sources: list[str]) -> list[CorpusFile]:
             found = _stdlib_files()
         elif source == "package-metadata":
             found = _metadata_files()
+        elif source == "package-sources":
+            found = _package_source_files()
         else:
             found = _path_files(source)
         for f in found:
