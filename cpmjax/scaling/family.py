@@ -499,7 +499,7 @@ def family_heldout_loss(model: Any, directory: str | os.PathLike) -> float:
     if "config" not in index:
         raise MissingPathError(f"no family config recorded in {os.path.join(directory, INDEX_FILE)}"
                                " (run cpmjax scaling family first)")
-    from cpmjax.train.step import heldout_loss
+    from cpmjax.train.evaluate import heldout_loss
 
     config = FamilyConfig(**{**index["config"], "out_dir": os.path.abspath(directory)})
     train_config = run_config(config, config.sizes[0], out_dir=os.path.join(directory, "eval"),

@@ -15,13 +15,14 @@ import shutil
 from cpmjax.train.checkpoint import Checkpointer
 from cpmjax.train.config import TrainConfig, load_config
 from cpmjax.train.data import PackedBatches, collect_files, pack_rows, split_files
+from cpmjax.train.evaluate import heldout_loss
 from cpmjax.train.loop import TrainResult, export_checkpoint, train
 from cpmjax.train.loss import chunked_cross_entropy, cross_entropy_reference
 from cpmjax.train.metrics import flops_per_token, measure_matmul_peak
 from cpmjax.train.optim import adamw_mup, mup_group, mup_labels
 from cpmjax.train.schedules import cosine_schedule, wsd_schedule
 from cpmjax.train.setup import make_optimizer, make_training_mesh
-from cpmjax.train.step import SequenceParallel, heldout_loss, make_train_step
+from cpmjax.train.step import SequenceParallel, make_train_step
 from cpmjax.train.tokenizer import train_bpe
 
 TINY_MODEL_NAME = "cpmjax-tiny"
