@@ -194,7 +194,6 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
     ``--loss eval`` the loss is the held-out LM loss on the family's held-out split
     (``family_heldout_loss``, what the family's branches record), cached per family;
     ``with_loss=False`` skips the loss (the family's own points, whose loss the index holds)."""
-    need_loss = with_loss
     score_kind = args.score if args.score == "greedy" else (
         f"passuntil:{args.required_passes}:{args.max_samples}:{args.seed}")
     base = f"{os.path.abspath(directory)}|{task.name}|{instances_key}"
@@ -203,7 +202,7 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
     if args.loss == "eval":
         loss_key = f"{os.path.abspath(directory)}|heldout_loss|{os.path.abspath(args.family)}"
     need_nonzero = count_nonzero and "nonzero_params" not in cache.get(score_key, {})
-    if score_key not in cache or (need_loss and loss_key not in cache) or need_nonzero:
+    if score_key not in cache or (with_loss and loss_key not in cache) or need_nonzero:
         from cpmjax.hf import from_pretrained
         from cpmjax.scaling.densing import conditional_loss, nonzero_params
         from cpmjax.scaling.family import non_embedding_params
@@ -221,7 +220,7 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
         if count_nonzero and "nonzero_params" not in cache[score_key]:
             cache[score_key]["nonzero_params"] = int(nonzero_params(model))
             _write_cache(args.cache, cache)
-        if need_loss and loss_key not in cache:
+        if with_loss and loss_key not in cache:
             if args.loss == "eval":
                 from cpmjax.scaling.family import family_heldout_loss
 
@@ -241,7 +240,7 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
             cache[loss_key] = {"loss": float(loss)}
             _write_cache(args.cache, cache)
     record = dict(cache[score_key])
-    if need_loss and cache[loss_key]["loss"] is not None:
+    if with_loss and cache[loss_key]["loss"] is not None:
         record["loss"] = cache[loss_key]["loss"]
     return record
 
@@ -249,12 +248,9 @@ def _evaluate(directory: str, task: Any, instances: list[Any], args: Any, *,
 def _family_has_config(directory: str) -> bool:
     """Whether the family index records the family's config (``cpmjax scaling family`` writes
     it; the held-out split of ``--loss eval`` is rebuilt from it)."""
-    path = os.path.join(directory, "family.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return "config" in json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
+    from cpmjax.scaling.family import _read_index
+
+    return "config" in _read_index(directory)
 
 
 def _default_name(directory: str) -> str:
