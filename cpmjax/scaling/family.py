@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -786,9 +787,8 @@ def sweep_summary(results: dict[str, dict[str, Any]], metric: str = "eval_loss"
             value = record.get(metric)
             if value is not None:
                 by_lr.setdefault(float(record["lr"]), []).append(float(value))
-        rates = {lr: {"mean": sum(v) / len(v), "n": len(v),
-                      "std": (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
-                      if len(v) > 1 else None}
+        rates = {lr: {"mean": statistics.fmean(v), "n": len(v),
+                      "std": statistics.stdev(v) if len(v) > 1 else None}
                  for lr, v in sorted(by_lr.items())}
         best = min(rates, key=lambda lr: rates[lr]["mean"]) if rates else None
         out[name] = {"rates": rates, "best_lr": best}
