@@ -51,7 +51,7 @@ def variant_config(config: Any, size_name: str, variant: str, *, out_dir: str,
                    drop_tasks: list[str] | None = None) -> Any:
     """The ``cpmjax.train`` config of ``variant`` (one of :data:`RECIPE_VARIANTS`) of the family
     size ``size_name``, trained in ``out_dir`` for as many steps as the size's final branch."""
-    from cpmjax.scaling.family import prepare_family_data, run_config
+    from cpmjax.scaling.family import run_config
 
     if variant not in RECIPE_VARIANTS:
         raise ConfigError(f"unknown recipe variant {variant!r}; choose one of "
@@ -81,8 +81,8 @@ def variant_config(config: Any, size_name: str, variant: str, *, out_dir: str,
         if unknown:
             raise ConfigError(f"drop_tasks: {unknown} not among the family's tasks "
                               f"{tasks_all}")
-        paths = prepare_family_data(config, log=lambda msg: None)
-        corpus = paths["corpus"]
+        # the corpus prepare_family_data writes (train_variant prepares it before training)
+        corpus = os.path.join(os.path.abspath(config.out_dir), "corpus")
         tree["data"]["sources"] = (
             [os.path.join(corpus, "text")]
             + [os.path.join(corpus, "tasks", t) for t in tasks_all if t not in dropped])
