@@ -1,6 +1,10 @@
 """The wind tunnel's experiment: PassUntil on the family, a task scaling law fitted on the
 smaller models, the prediction for the largest written before it is trained, then the report.
 
+    # 0. (optional) the evaluation-only code_recall task, cut from source files the family
+    #    never saw (its text sources minus its corpus), written to <family>/tasks/code_recall
+    python scripts/wind_tunnel_experiment.py text-task --config configs/wind-tunnel.yaml \\
+        [--instances 200] [--seed 0]
     # 1. PassUntil and greedy accuracy of each size's final decay branch on each task's test split
     python scripts/wind_tunnel_experiment.py eval --family runs/wind-tunnel \\
         --sizes wt-s1,wt-s2,wt-s3,wt-s4 --out runs/wt-eval [--instances 100] [--max-samples M]
@@ -78,6 +82,21 @@ def _eval(args: argparse.Namespace) -> None:
             print(f"[eval] {name} {task_name}: PU {result.mean_estimate:.4g} "
                   f"({result.total_samples} samples, {int(result.truncated.sum())} truncated, "
                   f"{seconds:.0f} s), greedy {greedy:.3f}", file=sys.stderr, flush=True)
+
+
+def _text_task(args: argparse.Namespace) -> None:
+    from cpmjax.scaling import load_family_config, make_text_task, unseen_text_files
+
+    config = load_family_config(args.config)
+    files = unseen_text_files(config)
+    out = os.path.join(config.out_dir, "tasks")
+    if os.path.isfile(os.path.join(out, args.task, "test.jsonl")) and not args.overwrite:
+        raise SystemExit(f"{out}/{args.task} exists (--overwrite to write it again)")
+    summary = make_text_task(out, [(f.key, f.path) for f in files], n_test=args.instances,
+                             seed=args.seed, name=args.task)
+    print(f"[text-task] {args.task}: {summary['test']} instances from "
+          f"{len(summary['sources'])} of {summary['candidate_files']} unseen files -> "
+          f"{out}/{args.task}", file=sys.stderr)
 
 
 def _load_eval(directory: str, size: str, task: str):
@@ -288,6 +307,13 @@ def _report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("text-task")
+    p.add_argument("--config", required=True)
+    p.add_argument("--task", default="code_recall")
+    p.add_argument("--instances", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_text_task)
     p = sub.add_parser("eval")
     p.add_argument("--family", required=True)
     p.add_argument("--sizes", required=True)

@@ -97,3 +97,82 @@ def test_bad_input(tmp_path):
     with pytest.raises(InputError, match="bad.jsonl:1"):
         load_instances(bad)
     assert Instance("a", "b", "c") == Instance("a", "b", "c")
+
+
+SOURCE = '''import os
+
+
+def join_paths(base, other):
+    result = os.path.join(base, other)
+    if not result:
+        return base
+    return result
+'''
+
+
+def test_code_recall_cuts_before_a_recalled_identifier(tmp_path):
+    import re
+
+    from cpmjax.scaling import EVAL_TASKS, make_text_task
+
+    task = get_task("code_recall")
+    assert "code_recall" in EVAL_TASKS and "code_recall" not in TASKS  # never trained on
+    sources = [(f"m{i}.py", SOURCE.replace("join_paths", f"join_paths{i}")) for i in range(6)]
+    instances = task.from_sources(sources, 8, seed=0)
+    assert instances == task.from_sources(sources, 8, seed=0)
+    assert len({x.prompt for x in instances}) == 8
+    for x in instances:
+        # the answer is a whole identifier that already occurs in the prompt, whose text is
+        # a prefix of its source up to the cut
+        source = dict(sources)[x.id.split(":", 1)[1]]
+        assert source.startswith(x.prompt[x.prompt.index("\n") + 1:].split("\n", 1)[0]) or \
+            x.prompt in source
+        assert source[source.index(x.prompt) + len(x.prompt):].startswith(x.answer)
+        assert re.search(rf"\b{x.answer}\b", x.prompt)
+        assert 4 <= len(x.answer) <= 16 and x.answer not in {"self", "return", "None"}
+        assert not (x.prompt[-1:].isalnum() or x.prompt[-1:] == "_")
+        # the checker reads the leading identifier
+        assert task.check(x, x.answer) and task.check(x, x.answer + "(1)\n")
+        assert not task.check(x, x.answer + "s") and not task.check(x, " " + x.answer)
+        assert not task.check(x, x.answer[:-1])
+    assert {x.answer for x in instances} <= {"base", "other", "result"}
+    with pytest.raises(InputError, match="only"):
+        task.from_sources(sources[:1], 50, seed=0)
+    with pytest.raises(ConfigError, match="make_text_task"):
+        task.generate(3, seed=0)
+
+    paths = []
+    for key, text in sources:
+        (tmp_path / key).write_text(text)
+        paths.append((key, str(tmp_path / key)))
+    summary = make_text_task(tmp_path / "tasks", paths, n_test=5, seed=1)
+    loaded = load_instances(tmp_path / "tasks" / "code_recall")
+    assert loaded == task.from_sources(sources, 5, seed=1) and summary["test"] == 5
+    assert json.loads((tmp_path / "tasks" / "code_recall" / "sources.json").read_text())[
+        "sources"] == sorted({x.id.split(":", 1)[1] for x in loaded})
+    with pytest.raises(InputError, match="nothing.py"):
+        make_text_task(tmp_path, [("x", str(tmp_path / "nothing.py"))], n_test=1)
+    with pytest.raises(ConfigError, match="text task"):
+        make_text_task(tmp_path, paths, n_test=1, name="arithmetic")
+
+
+def test_unseen_text_files_are_outside_the_family_corpus(tmp_path):
+    import os
+
+    import yaml
+    from helpers import micro_family_config
+
+    from cpmjax.scaling import load_family_config, unseen_text_files
+    from cpmjax.scaling.family import prepare_family_data
+
+    path = micro_family_config(tmp_path)
+    data = yaml.safe_load(open(path))["data"]
+    config = load_family_config(micro_family_config(tmp_path, data={**data, "text_bytes": 4900}))
+    with pytest.raises(MissingPathError, match="corpus"):
+        unseen_text_files(config)
+    prepare_family_data(config, log=lambda *a: None)
+    corpus = os.listdir(os.path.join(config.out_dir, "corpus", "text"))
+    unseen = unseen_text_files(config)
+    assert corpus and unseen and len(corpus) + len(unseen) == 12
+    names = {os.path.basename(f.path) for f in unseen}
+    assert not any(c.endswith("__" + n + ".txt") for c in corpus for n in names)

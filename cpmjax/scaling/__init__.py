@@ -19,7 +19,8 @@ from typing import Any
 _EXPORTS = {
     # tasks.py: the task suite (generated locally, exact checkers)
     "Task": "tasks", "Instance": "tasks", "TASKS": "tasks", "get_task": "tasks",
-    "make_task_suite": "tasks", "load_instances": "tasks",
+    "make_task_suite": "tasks", "load_instances": "tasks", "EVAL_TASKS": "tasks",
+    "make_text_task": "tasks",
     # passuntil.py: PassUntil sampling and its estimator
     "pass_until": "passuntil", "pass_until_estimate": "passuntil",
     "PassUntilResult": "passuntil", "greedy_accuracy": "passuntil",
@@ -30,7 +31,8 @@ _EXPORTS = {
     "accelerated_emergence": "task_fit", "Emergence": "task_fit",
     # family.py: the wind tunnel
     "FamilyConfig": "family", "load_family_config": "family", "train_family": "family",
-    "family_runs": "family", "family_heldout_loss": "family", "non_embedding_params": "family", "FamilyRun": "family",
+    "family_runs": "family", "family_heldout_loss": "family",
+    "unseen_text_files": "family", "non_embedding_params": "family", "FamilyRun": "family",
     "FamilyBranch": "family", "lr_sweep": "family", "lr_sweep_results": "family",
     # recipes.py: recipe variants of a family size (Densing-Law comparisons)
     "train_variant": "recipes", "variant_config": "recipes", "variant_runs": "recipes",

@@ -60,6 +60,7 @@ __all__ = [
     "FamilyRun",
     "SizeSpec",
     "family_heldout_loss",
+    "unseen_text_files",
     "family_runs",
     "load_family_config",
     "lr_sweep",
@@ -357,6 +358,22 @@ def prepare_family_data(config: FamilyConfig, *, log: Any = print) -> dict[str, 
         train_bpe([f.path for f in files], tok_dir, d.vocab_size)
     return {"tasks_dir": tasks_dir, "corpus": corpus, "tokenizer": tok_dir,
             "cache_dir": os.path.join(out, "data"), "tasks": names}
+
+
+def unseen_text_files(config: FamilyConfig) -> list[Any]:
+    """The files of the family's text sources that its corpus does not hold (neither its
+    training nor its held-out split): text no size of the family has seen, for
+    evaluation-only tasks (``cpmjax.scaling.tasks.make_text_task``). Needs the written corpus."""
+    from cpmjax.train.data import collect_files
+
+    text_dir = os.path.join(os.path.abspath(config.out_dir), "corpus", "text")
+    if not os.path.isfile(os.path.join(os.path.dirname(text_dir), ".complete")):
+        raise MissingPathError(f"no finished family corpus at {os.path.dirname(text_dir)}: "
+                               "prepare the family's data first")
+    # corpus names are "<index>-<key with / as __>.txt" (prepare_family_data)
+    held = {name.split("-", 1)[1][:-len(".txt")] for name in os.listdir(text_dir)}
+    return [f for f in collect_files(list(config.data.text_sources))
+            if f.key.replace("/", "__") not in held]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,19 @@ then and bigger ones pass more):
   ``">>> len('abc')*2\\n"`` -> ``"6"``; the answer is computed by Python itself (``eval`` of
   the generated expression, built only from the templates below).
 
+One more task is evaluation-only: it has no training split and is not part of ``TASKS`` (the
+suite a family trains on), because its instances are cut from source files rather than
+generated from a seed:
+
+- ``code_recall``: a few lines of Python source, cut just before an identifier (4 to 16 characters,
+  not a keyword, not ``self``) that already occurs in those lines; the answer is the
+  identifier, ``"    def run(self, handler):\n        if handler"`` -> ``"handler"`` style.
+  A completion passes when its leading identifier equals the answer. ``make_text_task(out_dir,
+  files, n_test=, seed=)`` writes its ``test.jsonl`` from files the models never trained on
+  (for the wind tunnel: standard-library files outside the family's corpus, listed in
+  ``sources.json`` beside it). It measures in-context recall in code, which grows smoothly
+  with held-out language-model loss.
+
 ``make_task_suite(out_dir, n_train=, n_test=, seed=)`` writes ``out_dir/<task>/test.jsonl``,
 ``train.jsonl`` and ``train.txt`` (training documents: several train instances per document,
 documents separated by a blank line). Instances are split by prompt: no test prompt occurs in
@@ -26,11 +39,14 @@ the training split (``train.jsonl`` nor ``train.txt``).
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import pathlib
 import random
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from cpmjax.errors import ConfigError, InputError, MissingPathError
 
@@ -38,9 +54,11 @@ __all__ = [
     "TASKS",
     "Instance",
     "Task",
+    "EVAL_TASKS",
     "get_task",
     "load_instances",
     "make_task_suite",
+    "make_text_task",
     "training_documents",
 ]
 
@@ -193,17 +211,126 @@ class PythonExprTask(Task):
         return f">>> {expression}\n", repr(value)
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class CodeRecallTask(Task):
+    """Python source cut before an identifier that already occurs in the prompt; the answer
+    is that identifier. Evaluation only: instances come from :meth:`from_sources`."""
+
+    name = "code_recall"
+    max_new_tokens = 14
+    context_chars = 150  # whole lines before the cut, at most this many characters
+    min_length, max_length = 4, 16  # answer characters
+    skip = frozenset(keyword.kwlist) | {"self", "None", "True", "False"}
+
+    def check(self, instance: Instance, completion: str) -> bool:
+        """The completion's leading identifier (nothing before it) equals the answer."""
+        match = _IDENTIFIER.match(completion)
+        return match is not None and match.group(0) == instance.answer
+
+    def _sample(self, rng: random.Random) -> tuple[str, str]:
+        raise ConfigError("code_recall is cut from source files: use make_text_task")
+
+    def _candidates(self, text: str) -> list[tuple[str, str]]:
+        lines = text.splitlines(keepends=True)
+        out = []
+        for i, line in enumerate(lines):
+            if i == 0:
+                continue
+            # whole previous lines, newest first, within the context budget
+            start, used = i, 0
+            while start > 0 and used + len(lines[start - 1]) <= self.context_chars:
+                start -= 1
+                used += len(lines[start])
+            if start == i:
+                continue
+            context = "".join(lines[start:i])
+            for match in _IDENTIFIER.finditer(line):
+                word = match.group(0)
+                if match.start() > 0 and (line[match.start() - 1].isalnum()
+                                          or line[match.start() - 1] in "_'\"\\"):
+                    continue
+                if not self.min_length <= len(word) <= self.max_length or word in self.skip:
+                    continue
+                prefix = context + line[:match.start()]
+                if re.search(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_])", prefix):
+                    out.append((prefix, word))
+        return out
+
+    def from_sources(self, sources: list[tuple[str, str]], n: int, seed: int,
+                     per_source: int = 2) -> list[Instance]:
+        """``n`` instances with distinct prompts from ``sources`` (``(key, text)`` pairs), at
+        most ``per_source`` from one source, visited in a seeded order; ids name the source."""
+        if n < 1:
+            raise InputError(f"{self.name}: number of instances must be >= 1, got {n}")
+        rng = random.Random(f"{self.name}:{seed}")
+        order = list(sources)
+        rng.shuffle(order)
+        seen: set[str] = set()
+        out: list[Instance] = []
+        for key, text in order:
+            candidates = self._candidates(text)
+            rng.shuffle(candidates)
+            taken = 0
+            for prompt, answer in candidates:
+                if taken == per_source or len(out) == n:
+                    break
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+                out.append(Instance(id=f"{self.name}-{seed}-{len(out)}:{key}", prompt=prompt,
+                                    answer=answer))
+                taken += 1
+            if len(out) == n:
+                return out
+        raise InputError(f"{self.name}: {len(sources)} source files give only {len(out)} "
+                         f"instances, {n} wanted")
+
+
 TASKS: dict[str, Task] = {
     task.name: task for task in (ArithmeticTask(), KVRetrievalTask(), PythonExprTask())
 }
+EVAL_TASKS: dict[str, Task] = {task.name: task for task in (CodeRecallTask(),)}
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name``; a ``ConfigError`` listing the known ones otherwise."""
-    task = TASKS.get(name)
+    """The task called ``name`` (a training task or an evaluation-only one); a
+    ``ConfigError`` listing the known ones otherwise."""
+    task = TASKS.get(name) or EVAL_TASKS.get(name)
     if task is None:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        known = ", ".join(sorted({*TASKS, *EVAL_TASKS}))
+        raise ConfigError(f"unknown task {name!r}; known tasks: {known}")
     return task
+
+
+def make_text_task(out_dir: str | os.PathLike, files: Iterable[tuple[str, str]], *,
+                   n_test: int, seed: int = 0, name: str = "code_recall") -> dict[str, Any]:
+    """Write the evaluation-only task ``name`` under ``out_dir/<name>/``: ``test.jsonl``
+    (``n_test`` instances cut from ``files``, ``(key, path)`` pairs of text the models never
+    trained on) and ``sources.json`` (the keys used). Returns the summary written there."""
+    task = EVAL_TASKS.get(name)
+    if task is None or not isinstance(task, CodeRecallTask):
+        raise ConfigError(f"{name!r} is not a text task; text tasks: {', '.join(EVAL_TASKS)}")
+    sources = []
+    for key, path in files:
+        try:
+            sources.append((key, pathlib.Path(path).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot read source text for {name} ({exc})") from exc
+    if not sources:
+        raise InputError(f"{name}: no source files given")
+    instances = task.from_sources(sources, n_test, seed)
+    directory = pathlib.Path(out_dir) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(directory / "test.jsonl", instances)
+    used = sorted({x.id.split(":", 1)[1] for x in instances})
+    summary = {"task": name, "test": len(instances), "seed": seed, "sources": used,
+               "candidate_files": len(sources)}
+    tmp = directory / "sources.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, directory / "sources.json")
+    return summary
 
 
 def training_documents(instances: Iterable[Instance], task: Task, *, seed: int,
