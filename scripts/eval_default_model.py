@@ -28,13 +28,13 @@ def main() -> None:
     from cpmjax import default_model_path
     from cpmjax.hf import from_pretrained
     from cpmjax.train import heldout_loss, load_config
-    from cpmjax.train.setup import prepare_data
+    from cpmjax.train.evaluate import heldout_data
 
     bundled = default_model_path()
     config = load_config(args.config, [f"data.tokenizer={bundled}",
                                        f"data.cache_dir={args.cache_dir}",
                                        f"run.out_dir={args.cache_dir}"])
-    _, _, eval_tokens = prepare_data(config)
+    _, eval_tokens = heldout_data(config)  # remembered: heldout_loss reuses it
     per_batch = config.data.batch_size * config.data.seq_len
     config.run.eval_batches = max(1, len(eval_tokens) // per_batch)
     models = ([bundled] if args.baseline else []) + args.model

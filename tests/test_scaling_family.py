@@ -101,6 +101,14 @@ def test_micro_family_trains_branches_and_resumes(tmp_path, monkeypatch):
         model = from_pretrained(run.export_dir, dtype="float32")
         assert family_heldout_loss(model, config.out_dir) == pytest.approx(
             run.final.eval_loss, rel=1e-4)
+    # a second model of a scored structure reuses the compiled step and the held-out batches
+    from cpmjax.train import evaluate
+
+    compiled, prepared = len(evaluate._STEPS), len(evaluate._DATA)
+    again = from_pretrained(runs[1].export_dir, dtype="float32")
+    assert family_heldout_loss(again, config.out_dir) == pytest.approx(
+        runs[1].final.eval_loss, rel=1e-4)
+    assert (len(evaluate._STEPS), len(evaluate._DATA)) == (compiled, prepared)
     index = json.load(open(os.path.join(config.out_dir, "family.json")))
     entry = index["runs"]["m2"]
     assert entry["branches"]["4"]["config"]["optim"]["decay_start"] == 4

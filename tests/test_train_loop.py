@@ -357,6 +357,22 @@ def test_prepare_data_reuses_cache(base):
     assert os.path.isfile(os.path.join(config.run.out_dir, "data", "train.bin"))
 
 
+def test_heldout_loss_reads_eval_loss_and_never_trains_a_tokenizer(base, tmp_path):
+    from cpmjax.errors import MissingPathError
+    from cpmjax.hf import from_pretrained
+    from cpmjax.train import heldout_loss
+
+    root, config, result = base
+    model = from_pretrained(result.export_dir, dtype="float32")
+    assert heldout_loss(model, config) == pytest.approx(result.eval_loss, rel=1e-4)
+    # a config naming no tokenizer, whose run directory holds none, is refused untouched
+    fresh = load_config(overrides=_flatten(_config_dict(str(tmp_path / "run"))))
+    fresh.data.sources = config.data.sources
+    with pytest.raises(MissingPathError, match="data.tokenizer"):
+        heldout_loss(model, fresh)
+    assert not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_sequence_parallel_train_equals_one_device(base, tmp_path, capsys):
     """``cpmjax train --mesh 2,1,1,4`` (data 2 x sequence 4, zigzag layout, burst ring) gives

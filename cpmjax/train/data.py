@@ -101,34 +101,37 @@ def is_permissive(text: str) -> bool:
             and not any(m in upper for m in _NOT_PERMISSIVE))
 
 
+def _distributions() -> list[tuple[str, Any]]:
+    """``(name, distribution)`` of every installed distribution but this project, the first
+    found of each name, sorted by name (one walk of the installed metadata)."""
+    import importlib.metadata as md
+
+    found: dict[str, Any] = {}
+    for dist in md.distributions():
+        name = dist.metadata.get("Name")
+        if name and name.lower() != "cpmjax" and name not in found:
+            found[name] = dist
+    return sorted(found.items(), key=lambda kv: kv[0].lower())
+
+
 def package_licenses() -> dict[str, dict[str, Any]]:
     """Every installed distribution (but this project): ``{name: {"version", "license",
     "permissive", "py_files"}}``, sorted by name; the ``"package-sources"`` corpus takes the
     ``*.py`` files of those with ``permissive`` true."""
-    import importlib.metadata as md
-
     out: dict[str, dict[str, Any]] = {}
-    for dist in md.distributions():
-        name = dist.metadata.get("Name")
-        if not name or name.lower() == "cpmjax" or name in out:
-            continue
+    for name, dist in _distributions():
         text = license_text(dist.metadata)
         files = [f for f in (dist.files or []) if str(f).endswith(".py")]
         out[name] = {"version": dist.version, "license": text,
                      "permissive": is_permissive(text), "py_files": len(files)}
-    return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
+    return out
 
 
 def _package_source_files() -> list[CorpusFile]:
-    import importlib.metadata as md
-
-    allowed = {n for n, info in package_licenses().items() if info["permissive"]}
-    out, seen = [], set()
-    for dist in sorted(md.distributions(), key=lambda d: (d.metadata.get("Name") or "").lower()):
-        name = dist.metadata.get("Name")
-        if name not in allowed or name in seen:
+    out = []
+    for name, dist in _distributions():
+        if not is_permissive(license_text(dist.metadata)):
             continue
-        seen.add(name)
         for f in sorted(dist.files or [], key=str):
             if not str(f).endswith(".py"):
                 continue

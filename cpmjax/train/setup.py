@@ -274,14 +274,20 @@ def make_batches(config: TrainConfig, tokenizer: Any, train_tokens: np.ndarray,
                             seed=run.seed, shuffle=config.data.shuffle,
                             bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id,
                             loss_after_id=loss_after_id, rows=rows)
-    eval_batches = []
-    if eval_tokens is not None and run.eval_batches > 0:
-        try:
-            eval_batches = PackedBatches(
-                eval_tokens, config.data.batch_size, config.data.seq_len, shuffle=False,
-                bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id,
-                loss_after_id=loss_after_id, rows=rows,
-            ).fixed_batches(run.eval_batches)
-        except ConfigError:
-            eval_batches = []
-    return batches, eval_batches
+    return batches, heldout_batches(config, tokenizer, eval_tokens, rows)
+
+
+def heldout_batches(config: TrainConfig, tokenizer: Any, eval_tokens: np.ndarray | None,
+                    rows: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The first ``run.eval_batches`` packed batches of the held-out tokens, unshuffled (none
+    when there are no eval tokens or too few for one batch)."""
+    if eval_tokens is None or config.run.eval_batches <= 0:
+        return []
+    try:
+        return PackedBatches(
+            eval_tokens, config.data.batch_size, config.data.seq_len, shuffle=False,
+            bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id,
+            loss_after_id=marker_token_id(tokenizer, config.data.loss_after), rows=rows,
+        ).fixed_batches(config.run.eval_batches)
+    except ConfigError:
+        return []
