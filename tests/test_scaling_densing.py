@@ -934,3 +934,45 @@ def test_fit_warnings():
     assert any("score law fits poorly" in w for w in _fit_warnings(loss_law, flat))
     rising = fit_score_law(loss, _score(loss, **dict(SCORE_TRUTH, gamma=3.0)))
     assert any("rises with the loss" in w for w in _fit_warnings(loss_law, rising))
+
+
+def test_text_chunks_cut_whole_lines_within_the_byte_budget():
+    from cpmjax.scaling import text_chunks
+
+    text = "def a():\n    return 1\n\n" + "x = 'é' * 3  # ü\n" * 7 + "y" * 50 + "\nz\n"
+    pieces = text_chunks(text, 24)
+    assert "".join(pieces) == text  # no blank piece was dropped here
+    assert all(0 < len(p.encode("utf-8")) <= 24 for p in pieces)
+    assert pieces[0] == "def a():\n    return 1\n\n"  # whole lines while they fit
+    assert text_chunks("\n\n  \n", 8) == []
+    with pytest.raises(InputError, match="max_bytes"):
+        text_chunks(text, 0)
+
+
+def test_text_loss_per_byte_matches_direct_log_softmax(tiny_llama, tmp_path):
+    from helpers import word_tokenizer
+    from tokenizers import processors
+
+    from cpmjax.scaling import text_chunks, text_loss_per_byte
+
+    model = tiny_llama[1]
+    tok = word_tokenizer(tmp_path / "tok")
+    with pytest.raises(EmptyPromptError):  # no BOS: the first token has nothing to follow
+        text_loss_per_byte(model, tok, ["def a"])
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)])
+    texts = ["def fibonacci ( n ) :\n  return n\nif a\n", "the b of c and\nelse a to the\n"]
+    nats, n_bytes, n_tokens = text_loss_per_byte(model, tok, texts, max_bytes=16,
+                                                 batch_size=3, chunk=2)
+    pieces = [p for t in texts for p in text_chunks(t, 16)]  # each scored as its own document
+    assert len(pieces) > len(texts)
+    assert n_bytes == sum(len(t.encode()) for t in texts)
+    total, count = 0.0, 0
+    for piece in pieces:
+        answer = tok(piece, add_special_tokens=False)["input_ids"]
+        total += _direct_conditional_loss(model, [([1], answer)]) * len(answer)
+        count += len(answer)
+    assert n_tokens == count
+    assert nats == pytest.approx(total / n_bytes, rel=2e-5)
+    with pytest.raises(InputError, match="no non-blank"):
+        text_loss_per_byte(model, tok, ["\n \n"])

@@ -42,7 +42,7 @@ _EXPORTS = {
     "fit_score_law": "densing", "ScoreLaw": "densing", "effective_params": "densing",
     "density": "densing", "DensityEstimate": "densing", "fit_density_trend": "densing",
     "DensityTrend": "densing", "nonzero_params": "densing",
-    "loss_density": "densing",
+    "loss_density": "densing", "text_loss_per_byte": "densing", "text_chunks": "densing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -59,6 +59,8 @@ __all__ = [
     "fit_score_law",
     "loss_density",
     "nonzero_params",
+    "text_chunks",
+    "text_loss_per_byte",
 ]
 
 
@@ -225,6 +227,57 @@ def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
         total += float(loss_sum)
         count += float(tokens)
     return total / count
+
+
+def text_chunks(text: str, max_bytes: int) -> list[str]:
+    """``text`` cut into pieces of whole lines of at most ``max_bytes`` UTF-8 bytes each (a
+    longer line is cut at character boundaries); blank-only pieces are dropped. Joined, the
+    pieces give back ``text`` but for those blank pieces."""
+    if max_bytes < 1:
+        raise InputError(f"max_bytes must be >= 1, got {max_bytes}")
+    pieces, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if current and size + n > max_bytes:
+            pieces.append("".join(current))
+            current, size = [], 0
+        while n > max_bytes:  # one line longer than a piece
+            cut, used = 0, 0
+            for ch in line:
+                b = len(ch.encode("utf-8"))
+                if used + b > max_bytes:
+                    break
+                cut, used = cut + 1, used + b
+            pieces.append(line[:cut])
+            line = line[cut:]
+            n = len(line.encode("utf-8"))
+        if line:
+            current.append(line)
+            size += n
+    if current:
+        pieces.append("".join(current))
+    return [p for p in pieces if p.strip()]
+
+
+def text_loss_per_byte(model: Any, tokenizer: Any, texts: Iterable[str], *,
+                       max_bytes: int = 256, batch_size: int = 16, chunk: int = 128
+                       ) -> tuple[float, int, int]:
+    """A tokenizer-free language-model loss: ``(nats per UTF-8 byte, bytes, tokens)`` over
+    ``texts``. Each text is cut into pieces of whole lines of at most ``max_bytes`` bytes
+    (:func:`text_chunks`), each piece scored as its own document (the tokenizer's BOS, then the
+    piece: every token of the piece is a target), and the summed ``-log P`` divided by the
+    pieces' bytes. Models with different tokenizers read the same text in the same contexts,
+    so their losses compare (and a family's loss law can be fitted in these units)."""
+    pieces = [p for t in texts for p in text_chunks(t, max_bytes)]
+    if not pieces:
+        raise InputError("texts hold no non-blank text to score")
+    examples = [("", p) for p in pieces]
+    rows = _tokenize_examples(examples, tokenizer, model.config.vocab_size,
+                              model.config.max_position_embeddings)
+    tokens = sum(len(ids) - prompt for ids, prompt in rows)
+    mean = conditional_loss(model, tokenizer, examples, batch_size=batch_size, chunk=chunk)
+    n_bytes = sum(len(p.encode("utf-8")) for p in pieces)
+    return mean * tokens / n_bytes, n_bytes, tokens
 
 
 # --------------------------------------------------------------------------------------------
