@@ -378,6 +378,16 @@ def test_cli_freq_vocab_train_draft_and_generate(tmp_path, capsys):
                  "--checkpoint-dir", str(tmp_path / "ck")]) == 0
     assert (draft_dir / "model.safetensors").exists() and (draft_dir / "freq_vocab.npy").exists()
     assert load_draft(draft_dir).config.hidden_size == 32
+    # --init starts from a draft's weights: with no steps, the export is those weights
+    again = tmp_path / "draft-again"
+    assert main(["train-draft", "--model", str(model_dir), "--corpus", str(corpus), "--out",
+                 str(again), "--steps", "0", "--seq-len", "8", "--batch", "2",
+                 "--init", str(draft_dir)]) == 0
+    from safetensors.numpy import load_file
+
+    first, second = (load_file(d / "model.safetensors") for d in (draft_dir, again))
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
     capsys.readouterr()
     common = ["generate", "--model", str(model_dir), "--prompt", "def fibonacci ( n )",
               "--max-new-tokens", "6", "--no-stop"]

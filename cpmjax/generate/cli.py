@@ -2,6 +2,7 @@
 
     cpmjax freq-vocab --tokenizer DIR --corpus FILE [FILE ...] --out vocab.npy
     cpmjax train-draft [--model DIR] --corpus FILE [FILE ...] --out DRAFT_DIR [--steps N]
+                       [--init DRAFT_DIR]
                        [--seq-len S] [--batch B] [--lr LR] [--checkpoint-dir DIR]
                        [--max-minutes M] [--dtype bfloat16|float32]
     cpmjax generate ... --spec none|eagle2|frspec [--draft DIR] [--freq-vocab FILE]
@@ -45,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="dtype of the exported weights")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None,
+                   help="start from this draft's weights (e.g. the draft of an earlier version "
+                        "of the target) instead of a random draft")
     p.set_defaults(func=_run_train_draft)
 
     generate = getattr(subparsers, "choices", {}).get("generate")
@@ -112,7 +116,13 @@ def corpus_ids(tokenizer, files) -> Any:
 
 def _run_train_draft(args) -> int:
     import cpmjax
-    from cpmjax.generate.eagle import new_draft, save_draft, train_draft
+    from cpmjax.generate.eagle import (
+        check_compatible,
+        load_draft,
+        new_draft,
+        save_draft,
+        train_draft,
+    )
     from cpmjax.generate.frspec import count_token_frequencies, rank_by_frequency, save_freq_vocab
     from cpmjax.train.data import token_windows
 
@@ -123,7 +133,11 @@ def _run_train_draft(args) -> int:
     if ids.size <= args.seq_len:
         raise ConfigError(f"corpus has {ids.size} tokens, need more than --seq-len "
                           f"{args.seq_len}")
-    draft = new_draft(model, seed=args.seed, dtype="float32")
+    if args.init:
+        draft = load_draft(args.init, dtype="float32")
+        check_compatible(draft, model)
+    else:
+        draft = new_draft(model, seed=args.seed, dtype="float32")
 
     def log(step, record):
         print(f"[train-draft] step {step}: loss {record['loss']:.4f} feature "
@@ -141,6 +155,7 @@ def _run_train_draft(args) -> int:
     save_draft(draft, args.out, dtype=args.dtype, metadata={
         "target": os.path.basename(os.path.abspath(path)), "steps": last.get("step", 0),
         "seq_len": args.seq_len, "final_loss": last.get("loss"), "final_top1": last.get("top1"),
+        "init": os.path.basename(os.path.abspath(args.init)) if args.init else None,
     })
     counts = count_token_frequencies(tokenizer, args.corpus, vocab_size=model.config.vocab_size)
     save_freq_vocab(os.path.join(args.out, DEFAULT_FREQ_VOCAB), rank_by_frequency(counts))
