@@ -256,11 +256,13 @@ def _report(args: argparse.Namespace) -> None:
                                 round(m.get("samples_per_second", 0))])
                 results_json.setdefault(directory, {}).setdefault(s, {})[task] = {
                     k: v for k, v in res.to_json().items() if k != "instances"}
-    prediction = None
-    compare_rows = []
-    if args.prediction and os.path.isfile(args.prediction):
-        with open(args.prediction) as f:
+    predictions, compare_rows = [], []
+    for path in args.prediction or []:
+        if not os.path.isfile(path):
+            raise SystemExit(f"no prediction file at {path}")
+        with open(path) as f:
             prediction = json.load(f)
+        predictions.append(prediction)
         target = prediction["target"]["name"]
         for task, entry in prediction["tasks"].items():
             measured = _load_eval(entry["eval_dir"], target, task)
@@ -268,14 +270,16 @@ def _report(args: argparse.Namespace) -> None:
             meas = measured.mean_estimate if measured else None
             rel = abs(pred - meas) / meas if pred is not None and meas else None
             r2 = entry.get("fit", {}).get("r2")
-            compare_rows.append([task, entry.get("required_passes"), r2, pred,
+            compare_rows.append([target, "+".join(s.removeprefix("wt-") for s in
+                                                  entry.get("fit_sizes", [])),
+                                 task, entry.get("required_passes"), r2, pred,
                                  _interval_cell(entry.get("prediction_interval_95")), meas,
                                  _interval_cell(_bootstrap_interval(measured.estimate))
                                  if measured else None, rel,
                                  (r2 is not None and r2 >= 0.9 and rel is not None
                                   and rel <= 0.25)])
     data = {"meta": machine_info(), "family": family_rows, "lr_sweep": sweep,
-            "passuntil": results_json, "prediction": prediction,
+            "passuntil": results_json, "predictions": predictions,
             "predicted_vs_measured": compare_rows}
     write_json(args.out, data)
     parts = [
@@ -294,10 +298,11 @@ def _report(args: argparse.Namespace) -> None:
                         "mean of instance 95% bounds", "samples", "truncated",
                         "greedy acc", "samples/s"],
                        pu_rows, align="llrrrrrrrrrrr", float_format=".3g"),
-        "\n## Predicted vs measured (largest model)\n",
-        markdown_table(["task", "r", "fit R²", "predicted PU", "95% prediction interval",
-                        "measured PU", "measured 95% (bootstrap)", "relative error",
-                        "target met"], compare_rows, align="lrrrrrrrl", float_format=".3g")
+        "\n## Predicted vs measured\n",
+        markdown_table(["target", "fitted on", "task", "r", "fit R²", "predicted PU",
+                        "95% prediction interval", "measured PU", "measured 95% (bootstrap)",
+                        "relative error", "target met"], compare_rows,
+                       align="lllrrrrrrrl", float_format=".3g")
         if compare_rows else "(not measured yet)",
     ]
     write_text(os.path.join(args.eval[0], "tables.md"), "\n".join(parts) + "\n")
@@ -341,7 +346,8 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("--family", required=True)
     p.add_argument("--eval", action="append", required=True)
-    p.add_argument("--prediction", default=None)
+    p.add_argument("--prediction", action="append", default=None,
+                   help="a committed prediction file (repeatable)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_report)
     args = parser.parse_args()
