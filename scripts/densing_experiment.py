@@ -17,6 +17,12 @@ at the family's compute, and of compressed family models, against the wind-tunne
     python scripts/densing_experiment.py report --results runs/densing/python_expr.json \\
         --out docs/benchmarks/densing.md
 
+    # 5. models with another tokenizer (the default model): a loss law in nats per byte of text
+    #    that neither side trained on, then their densities on it
+    python scripts/densing_experiment.py bytes --family runs/wind-tunnel \
+        --config configs/wind-tunnel.yaml --model cpmjax/assets/cpmjax-tiny \
+        --model runs/cpmjax-tiny-continue/hf --out docs/benchmarks/densing_bytes.json
+
 ``measure`` runs ``cpmjax scaling density`` (the library's estimator and CLI) once with every
 model, so every density uses the same fitted laws; the size N of a pruned model is its nonzero
 non-embedding weights, of a quantized model its parameter count (its bits are listed apart).
@@ -142,6 +148,114 @@ def _measure(args: argparse.Namespace) -> None:
     write_json(args.out, result)
 
 
+def _unseen_by_both(family_config: str, default_config: str, max_total: int
+                    ) -> list[tuple[str, str]]:
+    """``(key, text)`` of standard-library files held out by the default model's config and
+    outside the family corpus's training split: text no model of either side trained on."""
+    from cpmjax.scaling import load_family_config
+    from cpmjax.train import load_config
+    from cpmjax.train.data import collect_files, split_files
+
+    family = load_family_config(family_config)
+    corpus = os.path.join(family.out_dir, "corpus")
+    trained, _ = split_files(collect_files([corpus]), family.data.eval_fraction)
+    family_names = {os.path.basename(f.path) for f in trained}
+    default = load_config(default_config)
+    _, held = split_files(collect_files(["stdlib"]), default.data.eval_fraction)
+    out, total = [], 0
+    for f in held:
+        safe = f.key.replace("/", "__")
+        if any(name.endswith(f"-{safe}.txt") for name in family_names):
+            continue
+        with open(f.path, encoding="utf-8") as fh:
+            text = fh.read()
+        if total + len(text.encode("utf-8")) > max_total:
+            continue
+        out.append((f.key, text))
+        total += len(text.encode("utf-8"))
+    if not out:
+        raise SystemExit("no held-out text is unseen by both the family and the default model")
+    return out
+
+
+def _bytes(args: argparse.Namespace) -> None:
+    from cpmjax.hf import from_pretrained
+    from cpmjax.report import markdown_table, write_json
+    from cpmjax.scaling import (
+        family_runs,
+        fit_loss_law,
+        loss_density,
+        non_embedding_params,
+        text_loss_per_byte,
+    )
+    from cpmjax.tokenizer import load_tokenizer
+
+    texts = _unseen_by_both(args.config, args.default_config, args.max_total_bytes)
+    print(f"[bytes] {len(texts)} held-out files: {', '.join(k for k, _ in texts)}",
+          file=sys.stderr)
+    bodies = [t for _, t in texts]
+
+    def score(directory: str) -> tuple[float, int, int, int]:
+        model = from_pretrained(directory, dtype="float32")
+        nats, n_bytes, tokens = text_loss_per_byte(model, load_tokenizer(directory), bodies,
+                                                   max_bytes=args.piece_bytes)
+        return nats, n_bytes, tokens, non_embedding_params(model)
+
+    sizes = set(args.sizes.split(",")) if args.sizes else None
+    family = []
+    for run in family_runs(args.family):
+        if sizes is not None and run.name not in sizes:
+            continue
+        for branch in run.branches:
+            nats, n_bytes, tokens, n = score(branch.export_dir)
+            family.append({"name": f"{run.name}@{branch.tokens}", "n_params": n,
+                           "tokens": branch.tokens, "nats_per_byte": nats,
+                           "eval_loss": branch.eval_loss})
+            print(f"[bytes] {family[-1]['name']}: {nats:.4f} nats/byte", file=sys.stderr)
+    law = fit_loss_law([r["n_params"] for r in family], [r["tokens"] for r in family],
+                       [r["nats_per_byte"] for r in family])
+    budget = max(r["tokens"] for r in family)
+    rows, models = [], []
+    references = [r for r in family if r["tokens"] == budget]
+    for r in references:  # the reference models on their own law: density 1 expected
+        est = loss_density(r["nats_per_byte"], r["n_params"], law, budget)
+        rows.append([r["name"] + " (reference)", r["n_params"], budget, r["nats_per_byte"],
+                     est.density, _interval(est.density_interval)])
+    trained = list(args.model_tokens or [])
+    if trained and len(trained) != len(args.model):
+        raise SystemExit(f"--model-tokens: {len(trained)} values for {len(args.model)} models")
+    for i, directory in enumerate(args.model):
+        nats, n_bytes, tokens, n = score(directory)
+        est = loss_density(nats, n, law, budget)
+        entry = {"model": directory, "n_params": n, "nats_per_byte": nats,
+                 "tokens_scored": tokens, "effective_params": est.effective_params,
+                 "density": est.density, "density_interval": est.density_interval}
+        own = None
+        if trained:  # the law read at the model's own training tokens as well
+            own = loss_density(nats, n, law, trained[i])
+            entry.update(trained_tokens=trained[i], density_own_tokens=own.density,
+                         density_own_tokens_interval=own.density_interval)
+        models.append(entry)
+        rows.append([directory, n, trained[i] if trained else "-", nats, est.density,
+                     _interval(est.density_interval), own.density if own else None,
+                     _interval(own.density_interval) if own else None])
+    rows = [r if len(r) == 8 else [*r, None, None] for r in rows]
+    table = markdown_table(["model", "N (non-emb.)", "tokens", "nats/byte",
+                            f"ρ at D = {budget:,}", "95% interval", "ρ at its own D",
+                            "95% interval"], rows, align="lrrrrrrr", float_format=".4g")
+    print(f"loss law (nats/byte): L = {law.a:.4g}·N^-{law.alpha:.4g} + {law.b:.4g}·D^-"
+          f"{law.beta:.4g}, R² {law.r2:.4f} over {len(family)} points\n\n{table}")
+    write_json(args.out, {"files": [k for k, _ in texts], "bytes": n_bytes,
+                          "piece_bytes": args.piece_bytes, "family": family,
+                          "law": {"a": law.a, "alpha": law.alpha, "b": law.b,
+                                  "beta": law.beta, "r2": law.r2},
+                          "read_at_tokens": budget, "models": models, "table": table})
+
+
+def _interval(value) -> str | None:
+    return None if value is None else f"[{value[0]:.3g}, {value[1]:.3g}]"
+
+
 def _cell(value, fmt=".3g"):
     return None if value is None else format(value, fmt)
 
@@ -224,6 +338,18 @@ def main() -> None:
     p.add_argument("--figures", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_measure)
+    p = sub.add_parser("bytes", help="densities of other-tokenizer models, in nats per byte")
+    p.add_argument("--family", required=True)
+    p.add_argument("--config", required=True, help="the family's config")
+    p.add_argument("--default-config", default="configs/cpmjax-tiny.yaml")
+    p.add_argument("--model", action="append", required=True)
+    p.add_argument("--sizes", default=None, help="family sizes of the law (default: all)")
+    p.add_argument("--model-tokens", type=int, action="append", default=None,
+                   help="training tokens of each --model, in order: N̂ is also read at them")
+    p.add_argument("--piece-bytes", type=int, default=256)
+    p.add_argument("--max-total-bytes", type=int, default=200_000)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_bytes)
     p = sub.add_parser("report", help="markdown tables of measure's JSON files")
     p.add_argument("--results", nargs="+", required=True)
     p.add_argument("--out", required=True)
