@@ -152,20 +152,16 @@ def _unseen_by_both(family_config: str, default_config: str, max_total: int
                     ) -> list[tuple[str, str]]:
     """``(key, text)`` of standard-library files held out by the default model's config and
     outside the family corpus's training split: text no model of either side trained on."""
-    from cpmjax.scaling import load_family_config
+    from cpmjax.scaling import corpus_text_keys, load_family_config
     from cpmjax.train import load_config
     from cpmjax.train.data import collect_files, split_files
 
-    family = load_family_config(family_config)
-    corpus = os.path.join(family.out_dir, "corpus")
-    trained, _ = split_files(collect_files([corpus]), family.data.eval_fraction)
-    family_names = {os.path.basename(f.path) for f in trained}
+    trained = corpus_text_keys(load_family_config(family_config), training_only=True)
     default = load_config(default_config)
     _, held = split_files(collect_files(["stdlib"]), default.data.eval_fraction)
     out, total = [], 0
     for f in held:
-        safe = f.key.replace("/", "__")
-        if any(name.endswith(f"-{safe}.txt") for name in family_names):
+        if f.key in trained:
             continue
         with open(f.path, encoding="utf-8") as fh:
             text = fh.read()

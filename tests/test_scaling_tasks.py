@@ -176,3 +176,8 @@ def test_unseen_text_files_are_outside_the_family_corpus(tmp_path):
     assert corpus and unseen and len(corpus) + len(unseen) == 12
     names = {os.path.basename(f.path) for f in unseen}
     assert not any(c.endswith("__" + n + ".txt") for c in corpus for n in names)
+    from cpmjax.scaling import corpus_text_keys
+
+    held = corpus_text_keys(config)
+    assert len(held) == len(corpus) and not held & {f.key for f in unseen}
+    assert corpus_text_keys(config, training_only=True) < held  # 20% of the files held out

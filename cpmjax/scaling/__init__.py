@@ -32,7 +32,7 @@ _EXPORTS = {
     # family.py: the wind tunnel
     "FamilyConfig": "family", "load_family_config": "family", "train_family": "family",
     "family_runs": "family", "family_heldout_loss": "family",
-    "unseen_text_files": "family", "non_embedding_params": "family", "FamilyRun": "family",
+    "unseen_text_files": "family", "corpus_text_keys": "family", "non_embedding_params": "family", "FamilyRun": "family",
     "FamilyBranch": "family", "lr_sweep": "family", "lr_sweep_results": "family",
     # recipes.py: recipe variants of a family size (Densing-Law comparisons)
     "train_variant": "recipes", "variant_config": "recipes", "variant_runs": "recipes",

@@ -196,15 +196,23 @@ def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
     answer token; the prompt then keeps the tokens that lie wholly inside it). Needs text
     examples and a tokenizer that gives character offsets (``return_offsets_mapping``: HF fast
     tokenizers); otherwise :class:`InputError`."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     if batch_size < 1 or chunk < 1 or bucket < 1:
         raise InputError(f"batch_size={batch_size}, chunk={chunk}, bucket={bucket}: each must be "
                          "a positive integer")
+    rows = _tokenize_examples(examples, tokenizer, model.config.vocab_size,
+                              model.config.max_position_embeddings, joint=bool(joint))
+    total, count = _rows_loss(model, rows, batch_size, chunk, bucket)
+    return total / count
+
+
+def _rows_loss(model: Any, rows: list[tuple[list[int], int]], batch_size: int, chunk: int,
+               bucket: int) -> tuple[float, float]:
+    """``(summed -log P, scored tokens)`` of tokenized rows ``(ids, prompt length)``: every
+    token after the prompt is scored (see :func:`conditional_loss`)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
     config = model.config
-    rows = _tokenize_examples(examples, tokenizer, config.vocab_size,
-                              config.max_position_embeddings, joint=bool(joint))
     graphdef, state = nnx.split(model)
     batch_loss = _batch_loss_fn(graphdef, int(chunk))
     batch_size = min(int(batch_size), len(rows))  # one row count for every batch of this call
@@ -224,9 +232,8 @@ def conditional_loss(model: Any, tokenizer: Any, examples: Iterable[Any], *,
             mask[r, prompt_len - 1:n] = 1.0  # targets that are answer tokens
         loss_sum, tokens = batch_loss(state, jnp.asarray(inputs), jnp.asarray(targets),
                                       jnp.asarray(mask))
-        total += float(loss_sum)
-        count += float(tokens)
-    return total / count
+        total, count = total + loss_sum, count + tokens  # on device: one sync at the end
+    return float(total), float(count)
 
 
 def text_chunks(text: str, max_bytes: int) -> list[str]:
@@ -268,16 +275,17 @@ def text_loss_per_byte(model: Any, tokenizer: Any, texts: Iterable[str], *,
     piece: every token of the piece is a target), and the summed ``-log P`` divided by the
     pieces' bytes. Models with different tokenizers read the same text in the same contexts,
     so their losses compare (and a family's loss law can be fitted in these units)."""
+    if batch_size < 1 or chunk < 1:
+        raise InputError(f"batch_size={batch_size}, chunk={chunk}: each must be a positive "
+                         "integer")
     pieces = [p for t in texts for p in text_chunks(t, max_bytes)]
     if not pieces:
         raise InputError("texts hold no non-blank text to score")
-    examples = [("", p) for p in pieces]
-    rows = _tokenize_examples(examples, tokenizer, model.config.vocab_size,
+    rows = _tokenize_examples([("", p) for p in pieces], tokenizer, model.config.vocab_size,
                               model.config.max_position_embeddings)
-    tokens = sum(len(ids) - prompt for ids, prompt in rows)
-    mean = conditional_loss(model, tokenizer, examples, batch_size=batch_size, chunk=chunk)
+    total, tokens = _rows_loss(model, rows, batch_size, chunk, bucket=32)
     n_bytes = sum(len(p.encode("utf-8")) for p in pieces)
-    return mean * tokens / n_bytes, n_bytes, tokens
+    return total / n_bytes, n_bytes, int(tokens)
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ __all__ = [
     "SizeSpec",
     "family_heldout_loss",
     "unseen_text_files",
+    "corpus_text_keys",
     "family_runs",
     "load_family_config",
     "lr_sweep",
@@ -345,8 +346,7 @@ def prepare_family_data(config: FamilyConfig, *, log: Any = print) -> dict[str, 
             size = os.path.getsize(f.path)
             if size == 0 or size > d.text_bytes // 4:
                 continue  # keep the text varied: no single file takes a quarter
-            safe = f.key.replace("/", "__")
-            shutil.copyfile(f.path, os.path.join(text_dir, f"{i:05d}-{safe}.txt"))
+            shutil.copyfile(f.path, os.path.join(text_dir, f"{i:05d}-{_corpus_name(f.key)}"))
             used += size
         with open(done, "w") as f:
             f.write("complete\n")
@@ -360,20 +360,39 @@ def prepare_family_data(config: FamilyConfig, *, log: Any = print) -> dict[str, 
             "cache_dir": os.path.join(out, "data"), "tasks": names}
 
 
+def _corpus_name(key: str) -> str:
+    """The name under ``corpus/text`` of the source file with ``key`` (after an index and a
+    dash): ``stdlib/json/decoder.py`` -> ``stdlib__json__decoder.py.txt``."""
+    return key.replace("/", "__") + ".txt"
+
+
+def corpus_text_keys(config: FamilyConfig, *, training_only: bool = False) -> set[str]:
+    """The keys (``CorpusFile.key``) of the family's text-source files that its corpus holds;
+    with ``training_only``, only those in the corpus's training split (the held-out split,
+    ``data.eval_fraction`` of the corpus files, left out). Needs the written corpus."""
+    from cpmjax.train.data import collect_files, split_files
+
+    corpus = os.path.join(os.path.abspath(config.out_dir), "corpus")
+    if not os.path.isfile(os.path.join(corpus, ".complete")):
+        raise MissingPathError(f"no finished family corpus at {corpus}: prepare the family's "
+                               "data first")
+    files = collect_files([corpus])
+    if training_only:  # the split the family trained on (over tasks and text together)
+        files, _ = split_files(files, config.data.eval_fraction)
+    held = {os.path.basename(f.path).split("-", 1)[1] for f in files
+            if f.key.startswith("text/")}
+    return {f.key for f in collect_files(list(config.data.text_sources))
+            if _corpus_name(f.key) in held}
+
+
 def unseen_text_files(config: FamilyConfig) -> list[Any]:
     """The files of the family's text sources that its corpus does not hold (neither its
     training nor its held-out split): text no size of the family has seen, for
     evaluation-only tasks (``cpmjax.scaling.tasks.make_text_task``). Needs the written corpus."""
     from cpmjax.train.data import collect_files
 
-    text_dir = os.path.join(os.path.abspath(config.out_dir), "corpus", "text")
-    if not os.path.isfile(os.path.join(os.path.dirname(text_dir), ".complete")):
-        raise MissingPathError(f"no finished family corpus at {os.path.dirname(text_dir)}: "
-                               "prepare the family's data first")
-    # corpus names are "<index>-<key with / as __>.txt" (prepare_family_data)
-    held = {name.split("-", 1)[1][:-len(".txt")] for name in os.listdir(text_dir)}
-    return [f for f in collect_files(list(config.data.text_sources))
-            if f.key.replace("/", "__") not in held]
+    held = corpus_text_keys(config)
+    return [f for f in collect_files(list(config.data.text_sources)) if f.key not in held]
 
 
 # ----------------------------------------------------------------------------------------------
